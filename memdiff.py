@@ -1,0 +1,676 @@
+"""memdiff: a single-file reference implementation of "On Memorization in Diffusion Models".
+
+What is in this file, in the order of the science:
+  1. data           -- the bundled digits, .npz, CIFAR-10 and EDM-style PNG zips; nested balanced subsets
+  2. network        -- the DDPM++ / NCSN++ U-Net of the study, parameter for parameter [2, 3]
+  3. precond        -- EDM, VP and VE preconditioning D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) [2]
+  4. losses         -- per-sample denoising score-matching losses of EDM, VP and VE [2]
+  5. sampler        -- the EDM Heun sampler (Algorithm 2 of [2]) for *any* denoiser
+  6. optimum        -- the closed-form optimal denoiser D* of a finite training set [1, eq. 4]
+  7. metric         -- nearest neighbours, the memorization ratio and its Wilson interval [1, sec. 3]
+  8. training       -- the training loop: Adam/SGD, lr ramp-up, EMA, snapshots, resume, DDP
+  9. measurement    -- memorization of one training set, and the search for EMM [1, eq. 5]
+
+What is not: the authors' augmentation pipeline (the study trains without it), FID, and anything that
+needs a download at run time.
+
+References:
+  [1] X. Gu, C. Du, T. Pang, C. Li, M. Lin, Y. Wang. On Memorization in Diffusion Models.
+      TMLR 2025, arXiv:2310.02664. Code: github.com/sail-sg/DiffMemorize.
+  [2] T. Karras, M. Aittala, T. Aila, S. Laine. Elucidating the Design Space of Diffusion-Based
+      Generative Models. NeurIPS 2022, arXiv:2206.00364. Code: github.com/NVlabs/edm.
+  [3] Y. Song, J. Sohl-Dickstein, D. Kingma, A. Kumar, S. Ermon, B. Poole. Score-Based Generative
+      Modeling through Stochastic Differential Equations. ICLR 2021 (DDPM++ and NCSN++).
+  [4] E. B. Wilson. Probable inference, the law of succession, and statistical inference. JASA 1927.
+"""
+
+import copy
+import gzip
+import io
+import json
+import math
+import os
+import pickle
+import tarfile
+import zipfile
+from dataclasses import dataclass, field, asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DATA_DIR = Path(__file__).resolve().parent / 'data'
+
+#----------------------------------------------------------------------------
+# 1. Data. Images are float32 [N, C, H, W] in [-1, 1] (the study scales pixels as x/127.5 - 1),
+# labels int64 [N] or None. No augmentation, no x-flip: the study trains on the raw subset.
+
+def _fail(source, problem):
+    raise ValueError(f'{source}: {problem}')
+
+def _check_images(images, source):
+    """Validate and convert an array of images to float32 [N, C, H, W] in [-1, 1]."""
+    images = np.asarray(images)
+    if images.ndim == 3:                                    # [N, H, W]: one channel
+        images = images[:, None]
+    if images.ndim != 4:
+        _fail(source, f'images must have rank 3 or 4 (N x C x H x W or N x H x W x C), got shape '
+              f'{tuple(images.shape)}')
+    if images.shape[1] not in (1, 3, 4) and images.shape[3] in (1, 3, 4):
+        images = images.transpose(0, 3, 1, 2)               # NHWC -> NCHW
+    if images.shape[0] == 0:
+        _fail(source, 'the data set holds no images')
+    if images.dtype == np.uint8:
+        images = images.astype(np.float32) / 127.5 - 1
+    elif np.issubdtype(images.dtype, np.number) and not np.issubdtype(images.dtype, np.complexfloating):
+        images = images.astype(np.float32)
+        if not np.isfinite(images).all():
+            _fail(source, 'images contain NaN or inf')
+        if images.min() < -1 - 1e-6 or images.max() > 1 + 1e-6:
+            _fail(source, f'float images must lie in [-1, 1] (or be uint8 0..255), got range '
+                  f'[{images.min():.3g}, {images.max():.3g}]')
+    else:
+        _fail(source, f'images have unsupported dtype {images.dtype}')
+    return torch.from_numpy(np.ascontiguousarray(images))
+
+def _check_labels(labels, n, source):
+    """Validate labels: int64 [N] with values >= 0, or None."""
+    if labels is None:
+        return None
+    labels = np.asarray(labels)
+    if labels.ndim == 2:                                    # one-hot rows, as in EDM's dataset.json
+        labels = labels.argmax(1)
+    if labels.ndim != 1 or len(labels) != n:
+        _fail(source, f'labels must be a vector of {n} entries (one per image), got shape '
+              f'{tuple(labels.shape)}')
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not np.isfinite(labels).all() or (labels != np.round(labels)).any():
+            _fail(source, 'labels must be integers')
+    if labels.min() < 0:
+        _fail(source, 'labels must be non-negative')
+    return torch.from_numpy(labels.astype(np.int64))
+
+def _load_digits():
+    """The bundled UCI digits: 1,797 images 1x8x8, values 0..16 mapped to v/8 - 1, labels 0..9."""
+    path = DATA_DIR / 'digits.csv.gz'
+    if not path.is_file():
+        _fail(path, 'the bundled digits are missing from the installation')
+    with gzip.open(path, 'rt') as f:
+        table = np.loadtxt(f, delimiter=',', dtype=np.float32)
+    images = table[:, :64].reshape(-1, 1, 8, 8) / 8 - 1
+    return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(table[:, 64].astype(np.int64))
+
+def _load_npz(path):
+    """The study's npz layout: 'images' (NCHW or NHWC, uint8 or float) and optional 'labels'."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if 'images' not in z:
+                _fail(path, f"no 'images' array in the npz (found: {', '.join(z.files) or 'nothing'})")
+            images, labels = z['images'], (z['labels'] if 'labels' in z else None)
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        _fail(path, f'not a readable .npz file ({e})')
+    images = _check_images(images, path)
+    return images, _check_labels(labels, len(images), path)
+
+def _load_cifar10(path):
+    """CIFAR-10 python version (tar.gz or extracted folder): the five training batches."""
+    names = [f'data_batch_{i}' for i in range(1, 6)]
+    batches = []
+    try:
+        if path.is_dir():
+            folder = path / 'cifar-10-batches-py' if (path / 'cifar-10-batches-py').is_dir() else path
+            for name in names:
+                with open(folder / name, 'rb') as f:
+                    batches.append(pickle.load(f, encoding='latin1'))
+        else:
+            with tarfile.open(path, 'r:gz') as tar:
+                for name in names:
+                    batches.append(pickle.load(tar.extractfile(f'cifar-10-batches-py/{name}'),
+                                               encoding='latin1'))
+    except (OSError, KeyError, tarfile.TarError, pickle.UnpicklingError, EOFError) as e:
+        _fail(path, f'not a CIFAR-10 python archive ({e})')
+    images = np.concatenate([b['data'] for b in batches]).reshape(-1, 3, 32, 32)
+    labels = np.concatenate([b['labels'] for b in batches])
+    return _check_images(images, path), _check_labels(labels, len(images), path)
+
+def _load_png_zip(path):
+    """EDM-style zip of PNGs with optional dataset.json {"labels": [[name, label], ...]}."""
+    try:
+        from PIL import Image
+    except ImportError:
+        _fail(path, "reading PNG zips needs Pillow: pip install 'memdiff[png]'")
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = sorted(n for n in z.namelist() if n.lower().endswith('.png'))
+            if not names:
+                _fail(path, 'the zip holds no PNG images')
+            images = [np.array(Image.open(io.BytesIO(z.read(n)))) for n in names]
+            meta = json.loads(z.read('dataset.json')) if 'dataset.json' in z.namelist() else {}
+    except (OSError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+        _fail(path, f'not a readable zip of PNGs ({e})')
+    if len({im.shape for im in images}) != 1:
+        _fail(path, 'the PNG images do not all have the same shape')
+    images = np.stack(images)
+    labels = None
+    if meta.get('labels') is not None:
+        table = dict(meta['labels'])
+        if set(names) - set(table):
+            _fail(path, 'dataset.json has no label for some images')
+        labels = [table[n] for n in names]
+    return _check_images(images, path), _check_labels(labels, len(images), path)
+
+def downsample(images, resolution):
+    """Area-average images [N, C, H, W] down to [N, C, resolution, resolution]."""
+    H = images.shape[-1]
+    if resolution < 1 or H % resolution or images.shape[-2] != H:
+        raise ValueError(f'resolution {resolution} must divide the square image size {H}')
+    return F.avg_pool2d(images, H // resolution) if resolution != H else images
+
+def load_dataset(spec, resolution=None, classes=None):
+    """Load a data set by name or path -> (images float32 [N, C, H, W] in [-1, 1], labels [N] or None)."""
+    spec = str(spec)
+    if spec == 'digits':
+        images, labels = _load_digits()
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            _fail(spec, "no such file or folder (use 'digits', a .npz, CIFAR-10 python archive "
+                  "or folder, or an EDM-style .zip of PNGs)")
+        name = path.name.lower()
+        if name.endswith('.npz'):
+            images, labels = _load_npz(path)
+        elif name.endswith(('.tar.gz', '.tgz')) or path.is_dir():
+            images, labels = _load_cifar10(path)
+        elif name.endswith('.zip'):
+            images, labels = _load_png_zip(path)
+        else:
+            _fail(spec, 'unknown data format (expected .npz, .tar.gz, a folder or .zip)')
+    if classes is not None:
+        if labels is None:
+            _fail(spec, f'classes={classes} needs labels, and the data set has none')
+        num_classes = int(labels.max()) + 1
+        if not 1 <= classes <= num_classes:
+            _fail(spec, f'classes={classes} but the data set has {num_classes} classes')
+        keep = labels < classes
+        images, labels = images[keep], labels[keep]
+    if resolution is not None:
+        try:
+            images = downsample(images, resolution)
+        except ValueError as e:
+            _fail(spec, str(e))
+    return images.contiguous(), labels
+
+def balanced_subset(labels, n, seed=0):
+    """Indices [n] of a nested subset: class-balanced (n//C per class, the remainder to the lowest
+    classes) for labels [N]; a seeded random subset when labels is an int N (an unlabelled set)."""
+    if isinstance(labels, int):
+        N = labels
+    elif labels is None:
+        raise ValueError('balanced_subset needs the labels [N], or the data set size N when unlabelled')
+    else:
+        N = len(labels)
+    if not 1 <= n <= N:
+        raise ValueError(f'subset size {n} must lie in 1..{N} (the data set size)')
+    g = torch.Generator().manual_seed(seed)
+    if isinstance(labels, int):                             # a prefix of one permutation: nested
+        return torch.randperm(N, generator=g)[:n].sort().values
+    classes = torch.unique(labels)
+    C = len(classes)
+    # One fixed permutation per class whose first k are kept: smaller subsets are nested in larger
+    # ones (the study's subsets grow by adding images, never by redrawing them).
+    picks = []
+    for j, c in enumerate(classes.tolist()):
+        members = torch.nonzero(labels == c).flatten()
+        k = n // C + (1 if j < n % C else 0)
+        if k > len(members):
+            raise ValueError(f'subset size {n} needs {k} images of class {c}, which has {len(members)}')
+        picks.append(members[torch.randperm(len(members), generator=g)[:k]])
+    return torch.cat(picks).sort().values
+
+def assign_labels(labels, mode, seed=0, n=None):
+    """Class labels for training under a label mode -> (labels int64 [n] or None, label_dim)."""
+    mode = str(mode)
+    if mode == 'none':
+        return None, 0
+    if mode == 'true':
+        if labels is None:
+            raise ValueError("label mode 'true' needs a data set with labels")
+        return labels, int(labels.max()) + 1
+    n = len(labels) if labels is not None else n
+    if n is None:
+        raise ValueError(f"label mode '{mode}' needs the subset size n when the data has no labels")
+    if mode == 'unique':
+        return torch.arange(n), n                           # one class per image [1, sec. 6]
+    if mode.startswith('random:'):
+        try:
+            C = int(mode.split(':', 1)[1])
+        except ValueError:
+            C = 0
+        if C < 1:
+            raise ValueError(f"label mode '{mode}': random:C needs a whole number of classes C >= 1")
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(0, C, (n,), generator=g), C
+    raise ValueError(f"unknown label mode '{mode}' (expected none, true, random:C or unique)")
+
+def quantize_uint8(x):
+    """Round images in [-1, 1] to the study's 8-bit grid (x*127.5 + 128, clipped, truncated), same scale."""
+    return to_uint8(x).to(x.dtype) / 127.5 - 1
+
+def to_uint8(x):
+    """Images in [-1, 1] -> uint8 pixels, exactly as EDM's generate.py writes its PNGs."""
+    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+def one_hot(labels, label_dim):
+    """Integer labels [B] -> one-hot float32 rows [B, label_dim] (None stays None)."""
+    if labels is None:
+        return None
+    return F.one_hot(labels.long(), label_dim).float()
+
+#----------------------------------------------------------------------------
+# 2. Network: the DDPM++ / NCSN++ U-Net of Song et al. [3] as re-implemented in EDM [2] and used
+# unchanged by the study [1]. Parameter counts are the acceptance test (SPEC §5).
+
+def _init(layer, scale=1.0):
+    """Xavier-uniform weight times scale and zero bias, as EDM initialises every layer."""
+    nn.init.xavier_uniform_(layer.weight, gain=scale)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+def _group_norm(channels):
+    """GroupNorm with min(32, C//4) groups and eps 1e-6, the EDM/DDPM++ setting."""
+    return nn.GroupNorm(min(32, channels // 4), channels, eps=1e-6)
+
+class Resample(nn.Module):
+    """2x up- or down-sampling with a separable FIR filter (taps [1,1] = average pool / nearest)."""
+    def __init__(self, mode, taps=(1, 1)):
+        super().__init__()
+        f = torch.as_tensor(taps, dtype=torch.float32)
+        self.register_buffer('f', f.outer(f) / f.sum().square(), persistent=False)  # sums to 1
+        self.mode, self.pad = mode, (len(taps) - 1) // 2
+        self.box = tuple(taps) == (1, 1)
+
+    def forward(self, x):
+        if self.box:                                        # fused kernels for the DDPM++ filter
+            return F.avg_pool2d(x, 2) if self.mode == 'down' else F.interpolate(x, scale_factor=2.0)
+        C = x.shape[1]
+        w = self.f.to(x.dtype).tile([C, 1, 1, 1])           # [C, 1, k, k] depthwise
+        if self.mode == 'down':
+            return F.conv2d(x, w, groups=C, stride=2, padding=self.pad)
+        return F.conv_transpose2d(x, w * 4, groups=C, stride=2, padding=self.pad)
+
+class Block(nn.Module):
+    """Residual block with the embedding added after the first conv, optional resampling and attention."""
+    def __init__(self, cin, cout, emb_channels, up=False, down=False, attention=False, dropout=0.0,
+                 taps=(1, 1)):
+        super().__init__()
+        self.resample = Resample('up' if up else 'down', taps) if up or down else nn.Identity()
+        self.norm0 = _group_norm(cin)
+        self.conv0 = _init(nn.Conv2d(cin, cout, 3, padding=1))
+        self.affine = _init(nn.Linear(emb_channels, cout))
+        self.norm1 = _group_norm(cout)
+        self.dropout = nn.Dropout(dropout)
+        self.conv1 = _init(nn.Conv2d(cout, cout, 3, padding=1), 1e-5)  # block starts near identity
+        self.skip = _init(nn.Conv2d(cin, cout, 1)) if cin != cout or up or down else None
+        self.attention = attention
+        if attention:
+            self.norm2 = _group_norm(cout)
+            self.qkv = _init(nn.Conv2d(cout, cout * 3, 1), math.sqrt(0.2))
+            self.proj = _init(nn.Conv2d(cout, cout, 1), 1e-5)
+        self.in_channels = cin
+
+    def forward(self, x, emb):
+        orig = x
+        x = self.conv0(self.resample(F.silu(self.norm0(x))))
+        x = x + self.affine(emb)[:, :, None, None]          # embedding broadcast over pixels
+        x = self.conv1(self.dropout(F.silu(self.norm1(x))))
+        skip = self.skip(self.resample(orig)) if self.skip is not None else orig
+        x = (x + skip) * math.sqrt(0.5)
+        if self.attention:                                  # one head, softmax over keys
+            B, C, H, W = x.shape
+            q, k, v = self.qkv(self.norm2(x)).reshape(B, 3, C, H * W).transpose(2, 3).unbind(1)
+            a = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])  # [B,1,HW,C]
+            x = (self.proj(a[:, 0].transpose(1, 2).reshape(B, C, H, W)) + x) * math.sqrt(0.5)
+        return x
+
+class UNet(nn.Module):
+    """DDPM++ ('ddpmpp') or NCSN++ ('ncsnpp') U-Net: F(x [B,C,H,W], c_noise [B], labels [B,L]) -> [B,C',H,W]."""
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, model_channels=128,
+                 channel_mult=(2, 2, 2), num_blocks=2, attn_resolutions=(16,), dropout=0.13,
+                 arch='ddpmpp', embedding=None, skips=None):
+        super().__init__()
+        if arch not in ('ddpmpp', 'ncsnpp'):
+            raise ValueError(f"arch must be 'ddpmpp' or 'ncsnpp', got {arch!r}")
+        embedding = embedding or ('positional' if arch == 'ddpmpp' else 'fourier')
+        if embedding not in ('positional', 'fourier'):
+            raise ValueError(f"embedding must be 'positional' or 'fourier', got {embedding!r}")
+        if img_resolution % 2 ** (len(channel_mult) - 1):
+            raise ValueError(f'image resolution {img_resolution} is not divisible by '
+                             f'2^{len(channel_mult) - 1} (one halving per level of channel_mult)')
+        if model_channels < 4 or model_channels % 4:
+            raise ValueError(f'model_channels must be a positive multiple of 4, got {model_channels}')
+        num_skips = len(channel_mult) * (num_blocks + 1)
+        skips = [1] * num_skips if skips is None else [int(s) for s in skips]
+        if len(skips) != num_skips or set(skips) - {0, 1}:
+            raise ValueError(f'skips must be {num_skips} values of 0/1 (one per encoder output), '
+                             f'got {skips}')
+        self.label_dim, self.img_resolution = label_dim, img_resolution
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.arch, self.embedding, self.skips = arch, embedding, skips
+        taps = (1, 1) if arch == 'ddpmpp' else (1, 3, 3, 1)
+        noise_channels = model_channels * (1 if arch == 'ddpmpp' else 2)  # channel_mult_noise
+        emb_channels = model_channels * 4
+        block = dict(emb_channels=emb_channels, dropout=dropout, taps=taps)
+
+        # Mapping: c_noise (and label) -> embedding e.
+        if embedding == 'fourier':                          # fixed random frequencies ~ N(0, 16^2)
+            self.register_buffer('freqs', torch.randn(noise_channels // 2) * 16)
+        else:                                               # (1/10000)^(k/(K-1)), k = 0..K-1
+            K = noise_channels // 2
+            self.register_buffer('freqs', (1 / 10000) ** (torch.arange(K) / (K - 1)))
+        self.map_label = _init(nn.Linear(label_dim, noise_channels)) if label_dim else None
+        self.map_layer0 = _init(nn.Linear(noise_channels, emb_channels))
+        self.map_layer1 = _init(nn.Linear(emb_channels, emb_channels))
+
+        # Encoder: every output (first conv, each down block, each block) is pushed as a skip.
+        self.enc = nn.ModuleDict()
+        self.aux = nn.ModuleDict()                          # NCSN++'s residual input path
+        cout, caux, skip_channels = in_channels, in_channels, []
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level == 0:
+                cout = model_channels
+                self.enc[f'{res}_conv'] = _init(nn.Conv2d(in_channels, cout, 3, padding=1))
+            else:
+                self.enc[f'{res}_down'] = Block(cout, cout, down=True, **block)
+                if arch == 'ncsnpp':
+                    self.aux[f'{res}'] = nn.Sequential(_init(nn.Conv2d(caux, cout, 3, padding=1)),
+                                                       Resample('down', taps))
+                    caux = cout
+            skip_channels.append(cout)
+            for i in range(num_blocks):
+                cin, cout = cout, model_channels * mult
+                self.enc[f'{res}_block{i}'] = Block(cin, cout, attention=res in attn_resolutions,
+                                                    **block)
+                skip_channels.append(cout)
+
+        # Decoder: the lowest level opens with two blocks (attention in the first), the others with
+        # an up-sampling block; each then takes num_blocks + 1 skips.
+        self.dec = nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f'{res}_in0'] = Block(cout, cout, attention=True, **block)
+                self.dec[f'{res}_in1'] = Block(cout, cout, **block)
+            else:
+                self.dec[f'{res}_up'] = Block(cout, cout, up=True, **block)
+            for i in range(num_blocks + 1):
+                cin, cout = cout + skip_channels.pop(), model_channels * mult
+                attn = i == num_blocks and res in attn_resolutions
+                self.dec[f'{res}_block{i}'] = Block(cin, cout, attention=attn, **block)
+        self.out_norm = _group_norm(cout)
+        self.out_conv = _init(nn.Conv2d(cout, out_channels, 3, padding=1), 1e-5)
+
+    def forward(self, x, noise_labels, class_labels=None):
+        # Mapping: [cos, sin] of c_noise * frequencies, halves swapped (sin first), + label, 2-layer MLP.
+        c = noise_labels.to(torch.float32).reshape(-1)
+        c = c.expand(x.shape[0]) if c.numel() == 1 else c
+        f = 2 * math.pi * self.freqs if self.embedding == 'fourier' else self.freqs
+        arg = c.outer(f)                                    # [B, K]
+        emb = torch.cat([arg.sin(), arg.cos()], dim=1)      # [B, noise_channels]
+        if self.map_label is not None:
+            if class_labels is None:                        # unconditional call: all-zero label
+                class_labels = x.new_zeros(x.shape[0], self.label_dim)
+            emb = emb + self.map_label(class_labels.to(emb.dtype) * math.sqrt(self.label_dim))
+        emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))  # [B, 4 * model_channels]
+
+        # Encoder.
+        skips, aux = [], x
+        for name, layer in self.enc.items():
+            x = layer(x) if name.endswith('_conv') else layer(x, emb)
+            if name.endswith('_down') and name[:-5] in self.aux:  # NCSN++ residual path
+                x = aux = (x + self.aux[name[:-5]](aux)) / math.sqrt(2)
+            skips.append(x)
+        skips = [s if on else torch.zeros_like(s) for s, on in zip(skips, self.skips)]
+
+        # Decoder: concatenate [features, skip] where a block expects more channels.
+        for layer in self.dec.values():
+            if x.shape[1] != layer.in_channels:
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = layer(x, emb)
+        return self.out_conv(F.silu(self.out_norm(x)))
+
+#----------------------------------------------------------------------------
+# 3. Preconditioning [2, Table 1]: D(x; sigma) = c_skip x + c_out F(c_in x; c_noise), with the network
+# boundary in float32. Class labels enter as one-hot rows.
+
+def vp_sigma(t, beta_d=19.9, beta_min=0.1):
+    """VP noise level sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
+    t = torch.as_tensor(t)
+    return ((0.5 * beta_d * t ** 2 + beta_min * t).exp() - 1).sqrt()
+
+def vp_sigma_inv(sigma, beta_d=19.9, beta_min=0.1):
+    """Inverse of vp_sigma: t(sigma)."""
+    sigma = torch.as_tensor(sigma)
+    return ((beta_min ** 2 + 2 * beta_d * (1 + sigma ** 2).log()).sqrt() - beta_min) / beta_d
+
+class Precond(nn.Module):
+    """D(x [B,C,H,W], sigma [B] or float, labels [B,L]) -> denoised [B,C,H,W] (float32), EDM/VP/VE."""
+    def __init__(self, net, kind='edm', sigma_data=0.5, beta_d=19.9, beta_min=0.1, M=1000):
+        super().__init__()
+        if kind not in ('edm', 'vp', 've'):
+            raise ValueError(f"precond kind must be 'edm', 'vp' or 've', got {kind!r}")
+        self.net, self.kind, self.sigma_data = net, kind, sigma_data
+        self.beta_d, self.beta_min, self.M = beta_d, beta_min, M
+        self.label_dim = getattr(net, 'label_dim', 0)
+
+    def coefficients(self, sigma):
+        """(c_skip, c_out, c_in, c_noise) at noise level sigma (tensor)."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float32)
+        if self.kind == 'edm':
+            sd = self.sigma_data
+            c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
+            c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
+            c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()
+            c_noise = sigma.log() / 4
+        elif self.kind == 'vp':
+            c_skip = torch.ones_like(sigma)
+            c_out = -sigma
+            c_in = 1 / (sigma ** 2 + 1).sqrt()
+            c_noise = (self.M - 1) * vp_sigma_inv(sigma, self.beta_d, self.beta_min)
+        else:
+            c_skip = torch.ones_like(sigma)
+            c_out = sigma
+            c_in = torch.ones_like(sigma)
+            c_noise = (0.5 * sigma).log()
+        return c_skip, c_out, c_in, c_noise
+
+    def forward(self, x, sigma, class_labels=None):
+        x = x.to(torch.float32)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
+        if class_labels is not None:
+            class_labels = class_labels.to(torch.float32)
+        F_x = self.net(c_in * x, c_noise.flatten(), class_labels)
+        return c_skip * x + c_out * F_x.to(torch.float32)
+
+#----------------------------------------------------------------------------
+# 4. Losses [2, Table 1], per sample: lambda(sigma) * ||D(y + n; sigma) - y||^2 summed over pixels,
+# n ~ N(0, sigma^2 I). Each draws its own sigma from the generator it is given.
+
+def _randn(shape, like, generator):
+    return torch.randn(shape, generator=generator, device=like.device, dtype=torch.float32)
+
+def _weighted_loss(denoise, y, sigma, weight, class_labels, generator):
+    n = _randn(y.shape, y, generator) * sigma
+    D_yn = denoise(y + n, sigma, class_labels)
+    return (weight * (D_yn - y) ** 2).flatten(1).sum(1)    # [B]
+
+def edm_loss(denoise, y, class_labels=None, P_mean=-1.2, P_std=1.2, sigma_data=0.5, generator=None):
+    """EDM loss [B]: ln sigma ~ N(P_mean, P_std^2), lambda = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2."""
+    sigma = (_randn([y.shape[0], 1, 1, 1], y, generator) * P_std + P_mean).exp()
+    weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+    return _weighted_loss(denoise, y, sigma, weight, class_labels, generator)
+
+def vp_loss(denoise, y, class_labels=None, beta_d=19.9, beta_min=0.1, epsilon_t=1e-5, generator=None):
+    """VP loss [B]: t ~ U(epsilon_t, 1), sigma = sigma(t), lambda = 1 / sigma^2."""
+    u = torch.rand([y.shape[0], 1, 1, 1], generator=generator, device=y.device)
+    sigma = vp_sigma(1 + u * (epsilon_t - 1), beta_d, beta_min)
+    return _weighted_loss(denoise, y, sigma, 1 / sigma ** 2, class_labels, generator)
+
+def ve_loss(denoise, y, class_labels=None, sigma_min=0.02, sigma_max=100, generator=None):
+    """VE loss [B]: sigma log-uniform on [sigma_min, sigma_max], lambda = 1 / sigma^2."""
+    u = torch.rand([y.shape[0], 1, 1, 1], generator=generator, device=y.device)
+    sigma = sigma_min * (sigma_max / sigma_min) ** u
+    return _weighted_loss(denoise, y, sigma, 1 / sigma ** 2, class_labels, generator)
+
+LOSSES = {'edm': edm_loss, 'vp': vp_loss, 've': ve_loss}
+
+#----------------------------------------------------------------------------
+# 5. Sampler: EDM's Heun solver of the probability-flow ODE dx/dt = (x - D(x; t)) / t [2, Alg. 2],
+# with the optional churn of its stochastic variant. Any denoiser (x, sigma, labels) -> D(x) fits.
+
+def edm_sigma_steps(num_steps=18, sigma_min=0.002, sigma_max=80, rho=7):
+    """Noise levels t_0 = sigma_max > ... > t_{n-1} = sigma_min, t_n = 0 [2, eq. 5], float64 [n+1]."""
+    i = torch.arange(num_steps, dtype=torch.float64)
+    t_steps = (sigma_max ** (1 / rho) + i / max(num_steps - 1, 1)
+               * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([t_steps, torch.zeros(1, dtype=torch.float64)])
+
+@torch.no_grad()
+def edm_sampler(denoise, latents, class_labels=None, num_steps=18, sigma_min=0.002, sigma_max=80,
+                rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, generator=None):
+    """Heun-sample from unit-variance latents [B,...] -> samples [B,...] in the latents' dtype."""
+    t_steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho).to(latents.device)
+    x_next = latents.to(torch.float64) * t_steps[0]
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        x_cur = x_next
+
+        # Increase noise temporarily (churn); gamma = 0 gives the deterministic sampler.
+        gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
+        t_hat = t_cur + gamma * t_cur
+        x_hat = x_cur
+        if gamma > 0:
+            eps = torch.randn(x_cur.shape, generator=generator, device=x_cur.device,
+                              dtype=torch.float64)
+            x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * eps
+
+        # Euler step.
+        denoised = denoise(x_hat, t_hat, class_labels).to(torch.float64)
+        d_cur = (x_hat - denoised) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+
+        # Apply 2nd order correction (not on the last step, where t_next = 0).
+        if i < num_steps - 1:
+            denoised = denoise(x_next, t_next, class_labels).to(torch.float64)
+            d_prime = (x_next - denoised) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next.to(latents.dtype)
+
+#----------------------------------------------------------------------------
+# 6. The optimal denoiser [1, eq. 4]: the minimiser of the denoising objective on a finite training
+# set {y_i}, D*(x; sigma) = sum_i softmax_i(-||x - y_i||^2 / 2 sigma^2) y_i. It is evaluated chunk by
+# chunk over the training set with a running log-sum-exp (online softmax), so memory is
+# O(batch x chunk) and never O(batch x N).
+
+class OptimalDenoiser:
+    """D*(x [B,...], sigma [B] or float, labels [B,C] one-hot or [B] int) -> [B,...] over a training set."""
+    def __init__(self, images, labels=None, chunk=4096):
+        self.shape = tuple(images.shape[1:])
+        self.y = images.reshape(len(images), -1)            # [N, d], kept in the caller's dtype
+        self.half_sq = self.y.square().sum(1) / 2           # [N]  ||y_i||^2 / 2
+        self.labels = None if labels is None else labels.to(self.y.device).long()
+        self.label_dim = 0 if labels is None else int(self.labels.max()) + 1
+        self.chunk = int(chunk)
+
+    def __call__(self, x, sigma, class_labels=None):
+        B = x.shape[0]
+        xf = x.reshape(B, -1).to(self.y.dtype)              # [B, d]
+        sigma = torch.as_tensor(sigma, dtype=self.y.dtype, device=xf.device).reshape(-1)
+        # -||x - y||^2 / 2 sigma^2 = (x.y - ||y||^2/2) / sigma^2 + const(x); the constant cancels in
+        # the softmax. sigma = 0 is the nearest-neighbour limit: a tiny floor keeps every logit finite
+        # while still separating any two distinct distances.
+        inv_var = 1 / (sigma ** 2).clamp_min(torch.finfo(self.y.dtype).tiny ** 0.5)
+        inv_var = inv_var.expand(B)[:, None]                # [B, 1]
+        c = self._classes(class_labels, B)                  # [B] or None
+        m = xf.new_full((B, 1), -math.inf)                  # running max of the logits
+        s = xf.new_zeros(B, 1)                              # running sum of exp(logit - m)
+        acc = xf.new_zeros(B, xf.shape[1])                  # running sum of exp(logit - m) y
+        for j in range(0, len(self.y), self.chunk):
+            y, hs = self.y[j:j + self.chunk], self.half_sq[j:j + self.chunk]
+            logits = (xf @ y.T - hs) * inv_var              # [B, chunk]
+            if c is not None:
+                logits = logits.masked_fill(c[:, None] != self.labels[None, j:j + self.chunk],
+                                            -math.inf)
+            m_new = torch.maximum(m, logits.amax(1, keepdim=True))
+            m_safe = m_new.masked_fill(m_new == -math.inf, 0)  # rows with no image of their class yet
+            p = (logits - m_safe).exp()                     # [B, chunk]
+            rescale = (m - m_safe).exp()
+            s = s * rescale + p.sum(1, keepdim=True)
+            acc = acc * rescale + p @ y
+            m = m_new
+        return (acc / s).reshape(B, *self.shape).to(x.dtype)
+
+    def _classes(self, class_labels, B):
+        """Class index per sample [B] from one-hot rows or integers; None for the unconditional optimum."""
+        if class_labels is None or self.labels is None:
+            return None
+        c = class_labels.argmax(1) if class_labels.ndim == 2 else class_labels
+        c = c.to(self.labels.device).long().expand(B)
+        missing = set(c.unique().tolist()) - set(self.labels.unique().tolist())
+        if missing:
+            raise ValueError(f'no training image has class {sorted(missing)[0]}: the conditional '
+                             'optimum is undefined there')
+        return c
+
+#----------------------------------------------------------------------------
+# 7. Memorization metric [1, sec. 3]: a sample x is memorized when ||x - NN_1|| < 1/3 ||x - NN_2||,
+# NN_1 and NN_2 its nearest and second-nearest training images (L2 over pixels). The memorization
+# ratio is the fraction of samples memorized; its uncertainty is the Wilson score interval [4].
+
+def nearest_neighbors(samples, reference, k=2, chunk=4096):
+    """k nearest references of each sample -> (L2 distances [B, k] ascending, indices [B, k])."""
+    B, N = samples.shape[0], reference.shape[0]
+    if N < k:
+        raise ValueError(f'need at least k={k} reference images, got {N}')
+    x = samples.reshape(B, -1).to(reference.dtype)          # [B, d]
+    ref = reference.reshape(N, -1)                          # [N, d]
+    best_d = x.new_full((B, k), math.inf)
+    best_i = torch.zeros(B, k, dtype=torch.long, device=x.device)
+    for j in range(0, N, chunk):
+        y = ref[j:j + chunk]
+        d2 = y.square().sum(1) - 2 * (x @ y.T)              # ||x-y||^2 - ||x||^2: same ranking, [B, c]
+        d2, i = torch.cat([best_d, d2], 1), torch.cat([best_i, torch.arange(j, j + len(y),
+                                                       device=x.device).expand(B, -1)], 1)
+        best_d, pos = d2.topk(k, dim=1, largest=False)
+        best_i = i.gather(1, pos)
+    # Recompute the k winners exactly: the expansion above loses the small distances to rounding,
+    # and an exact copy must have distance exactly 0.
+    dist = (x[:, None] - ref[best_i]).norm(dim=2)           # [B, k]
+    dist, order = dist.sort(dim=1)
+    return dist, best_i.gather(1, order)
+
+def memorization_scores(samples, reference, threshold=1/3, chunk=4096):
+    """Per-sample ratio d1/d2 [B] and memorized mask [B] (ratio < threshold) against a reference set."""
+    # Exact duplicates in the reference set would give d2 = 0 for a perfect copy of one of them; a
+    # duplicated image is one training image, so the reference set is deduplicated first.
+    reference = torch.unique(reference.reshape(len(reference), -1), dim=0)
+    if len(reference) < 2:
+        raise ValueError('the memorization metric needs at least 2 distinct reference images')
+    d, _ = nearest_neighbors(samples, reference, k=2, chunk=chunk)
+    ratio = d[:, 0] / d[:, 1]                               # d2 > 0: at most one reference at 0
+    return ratio, ratio < threshold
+
+def memorization_ratio(samples, reference, threshold=1/3, chunk=4096):
+    """Fraction of samples [B, ...] memorized with respect to the reference set [N, ...]."""
+    return memorization_scores(samples, reference, threshold, chunk)[1].double().mean().item()
+
+def wilson_interval(k, n, z=1.96):
+    """Wilson score interval (low, high) for k successes in n trials [4]."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z ** 2 / (2 * n)) / (1 + z ** 2 / n)
+    half = z / (1 + z ** 2 / n) * math.sqrt(p * (1 - p) / n + z ** 2 / (4 * n ** 2))
+    return max(0.0, centre - half), min(1.0, centre + half)
