@@ -674,3 +674,481 @@ def wilson_interval(k, n, z=1.96):
     centre = (p + z ** 2 / (2 * n)) / (1 + z ** 2 / n)
     half = z / (1 + z ** 2 / n) * math.sqrt(p * (1 - p) / n + z ** 2 / (4 * n ** 2))
     return max(0.0, centre - half), min(1.0, centre + half)
+
+#----------------------------------------------------------------------------
+# 8. Training: the loop of EDM's training_loop.py as the study ran it [1, sec. 4; 2, App. F]:
+# Adam (or SGD), linear learning-rate ramp-up, EMA of the weights, snapshots of the EMA network.
+# Durations scale with the training-set size as in the study, so they are given in epochs (passes
+# over |D|) or, for fixed-budget experiments, in optimizer steps. Under torchrun the global batch
+# is split across the ranks and DDP averages the gradients: same batch, same learning rate.
+
+@dataclass
+class TrainConfig:
+    """How one network is trained; defaults are the CPU digits setting (SPEC §7)."""
+    precond: str = 'edm'            # 'edm' | 'vp' | 've' (the study's CIFAR-10 runs use 'vp')
+    optimizer: str = 'adam'         # 'adam' | 'sgd' (momentum 0.9)
+    lr: float = 1e-3
+    batch: int = 64                 # global batch, split across ranks
+    weight_decay: float = 0.0       # L2 penalty inside the optimizer, as torch's Adam applies it
+    steps: int = 1500               # duration in optimizer steps, unless epochs is set
+    epochs: float = None            # duration in passes over |D| (the study: 40,000)
+    lr_rampup_epochs: float = 0.0   # linear warm-up (the study: 200 epochs = |D|/5 kimg)
+    ema_halflife_epochs: float = 10.0  # EMA half-life (the study: 10 epochs = 0.5 |D|/50 kimg)
+    ema_rampup: float = 0.05        # EDM: half-life at most this fraction of the images seen so far
+    ema_beta: float = None          # fixed per-step EMA decay instead of a half-life
+    snapshots: int = 3              # evenly spaced snapshots of the EMA network (the last at the end)
+    snapshot_images: int = None     # or one every so many images (the study: 2.5M)
+    amp: bool = False               # bf16 autocast for the network (the study ran fp32)
+
+    def total_steps(self, n):
+        """Optimizer steps for a training set of n images."""
+        if self.epochs is not None:
+            return max(1, math.ceil(self.epochs * n / self.batch))
+        return self.steps
+
+    def snapshot_steps(self, n):
+        """Steps (ascending, the last one final) at which the EMA network is evaluated."""
+        total = self.total_steps(n)
+        every = (math.ceil(self.snapshot_images / self.batch) if self.snapshot_images
+                 else math.ceil(total / max(self.snapshots, 1)))
+        return sorted(set(range(every, total, max(every, 1))) | {total})
+
+def dist_info():
+    """(rank, world_size) of this process; (0, 1) outside torchrun."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+def _atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: an interrupted write never leaves half a file."""
+    tmp = f'{path}.tmp'
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+def train(precond, images, labels=None, cfg=TrainConfig(), seed=0, checkpoint=None, progress=None):
+    """Train precond on images [n,C,H,W] (one-hot labels [n,L]); yield (step, EMA copy) at each snapshot.
+
+    With `checkpoint` (a path), the full state is saved at every snapshot and a rerun resumes from it.
+    """
+    rank, world = dist_info()
+    if cfg.batch % world:
+        raise ValueError(f'batch {cfg.batch} is not divisible by the {world} processes')
+    device = images.device
+    n = len(images)
+    total, snaps = cfg.total_steps(n), cfg.snapshot_steps(n)
+    ema = copy.deepcopy(precond).eval().requires_grad_(False)
+    params = [p for p in precond.parameters() if p.requires_grad]
+    if cfg.optimizer == 'adam':
+        opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+                               weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == 'sgd':
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    else:
+        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {cfg.optimizer!r}")
+    # Batch indices are drawn identically on every rank (each then takes its slice of the global
+    # batch); the noise of the loss is drawn per rank.
+    g_data = torch.Generator().manual_seed(seed)
+    g_noise = torch.Generator(device=device).manual_seed(seed * 1000 + 1 + rank)
+    step = 0
+    if checkpoint is not None and os.path.exists(checkpoint):
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        precond.load_state_dict(state['net'])
+        ema.load_state_dict(state['ema'])
+        opt.load_state_dict(state['opt'])
+        g_data.set_state(state['g_data'])
+        g_noise.set_state(state['g_noise'][rank] if isinstance(state['g_noise'], list)
+                          else state['g_noise'])
+        step = state['step']
+    model = precond
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            precond, device_ids=[device.index] if device.type == 'cuda' else None)
+    loss_fn = LOSSES[precond.kind]
+    per_rank = cfg.batch // world
+    precond.train()
+    while step < total:
+        # Learning-rate ramp-up: linear in images seen [2, App. F].
+        nimg = step * cfg.batch
+        ramp = cfg.lr_rampup_epochs * n
+        for group in opt.param_groups:
+            group['lr'] = cfg.lr * min(nimg / ramp, 1) if ramp > 0 else cfg.lr
+
+        # One step on the global batch (with replacement: a set smaller than the batch is fine).
+        idx = torch.randint(n, (cfg.batch,), generator=g_data)[rank * per_rank:(rank + 1) * per_rank]
+        y, c = images[idx.to(device)], None if labels is None else labels[idx.to(device)]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+            loss = loss_fn(model, y, c, generator=g_noise).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for p in params:                                    # as EDM: a NaN gradient is skipped
+            if p.grad is not None:
+                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+        opt.step()
+        step += 1
+
+        # EMA: beta = 0.5^(batch / half-life in images), the half-life ramped up early on.
+        if cfg.ema_beta is not None:
+            beta = cfg.ema_beta
+        else:
+            half = cfg.ema_halflife_epochs * n
+            if cfg.ema_rampup:
+                half = min(half, step * cfg.batch * cfg.ema_rampup)
+            beta = 0.5 ** (cfg.batch / max(half, 1e-8))
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), precond.parameters()):
+                p_ema.lerp_(p.detach(), 1 - beta)
+        if progress is not None:
+            progress('train', step, total)
+
+        if step in snaps:
+            if checkpoint is not None:
+                g_noise_all = _gather_states(g_noise.get_state())
+                if rank == 0:
+                    _atomic_save(dict(net=precond.state_dict(), ema=ema.state_dict(),
+                                      opt=opt.state_dict(), g_data=g_data.get_state(),
+                                      g_noise=g_noise_all, step=step), checkpoint)
+            yield step, ema
+    precond.eval()
+
+def _gather_states(state):
+    """The RNG states of all ranks (a list), so a resumed DDP run continues every rank's stream."""
+    rank, world = dist_info()
+    if world == 1:
+        return [state]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, state.cpu())
+    return out
+
+#----------------------------------------------------------------------------
+# 9. Measurement and EMM search [1, sec. 3, eq. 5]. The memorization ratio of one training-set size:
+# train, and at each snapshot sample with the EMA network, round to the 8-bit grid as the study
+# wrote its samples, and score them against the training set; the size's ratio is the highest over
+# its snapshots. EMM_eps = max{ |D| : ratio >= 1 - eps }, searched by doubling then bisection.
+
+@dataclass
+class EMMConfig:
+    """Everything that defines one EMM measurement; the defaults estimate EMM on digits in minutes."""
+    data: str = 'digits'
+    resolution: int = None          # down-sample to this resolution by area averaging
+    classes: int = None             # keep the first C classes
+    labels: str = 'none'            # 'none' | 'true' | 'random:C' | 'unique'
+    arch: str = 'ddpmpp'
+    channels: int = 16
+    channel_mult: tuple = (1, 2)
+    blocks: int = 1
+    attn: tuple = (4,)
+    skips: tuple = None
+    embedding: str = None
+    dropout: float = 0.0
+    train: TrainConfig = field(default_factory=TrainConfig)
+    samples: int = 1000             # generated samples per snapshot (the study: 10k)
+    num_steps: int = 18             # Heun steps: 35 network evaluations
+    threshold: float = 0.9          # 1 - eps, eps = 0.1
+    mem_threshold: float = 1 / 3    # d1/d2 below this: memorized
+    optimum: bool = False           # score the closed-form optimum instead of a trained network
+    seed: int = 0
+
+    def to_dict(self):
+        return json.loads(json.dumps(asdict(self)))        # tuples -> lists, as read back from JSON
+
+def build_network(cfg, shape, label_dim):
+    """The U-Net and its preconditioning for images of shape (C, H, W)."""
+    C, H, _ = shape
+    net = UNet(H, C, C, label_dim=label_dim, model_channels=cfg.channels,
+               channel_mult=tuple(cfg.channel_mult), num_blocks=cfg.blocks,
+               attn_resolutions=tuple(cfg.attn), dropout=cfg.dropout, arch=cfg.arch,
+               embedding=cfg.embedding, skips=cfg.skips)
+    return Precond(net, kind=cfg.train.precond)
+
+def training_set(images, labels, n, cfg):
+    """The nested subset of size n and its class labels -> (y [n,C,H,W], labels [n] or None, label_dim)."""
+    idx = balanced_subset(labels if labels is not None else len(images), n, seed=cfg.seed)
+    c, label_dim = assign_labels(None if labels is None else labels[idx], cfg.labels,
+                                 seed=cfg.seed, n=n)
+    return images[idx], c, label_dim
+
+@torch.no_grad()
+def generate(denoise, num, shape, label_dim, seed, device, num_steps=18, batch=1000, progress=None):
+    """num samples [num,C,H,W] in [-1,1] from the Heun sampler; rank r draws every world-th one."""
+    rank, world = dist_info()
+    out = []
+    if progress is not None:                                # count network evaluations for a bar
+        total, calls, inner = math.ceil(num / batch) * (2 * num_steps - 1), [0], denoise
+
+        def denoise(x, sigma, labels):
+            calls[0] += 1
+            progress('sample', calls[0], total)
+            return inner(x, sigma, labels)
+    for start in range(0, num, batch):
+        ids = list(range(start, min(start + batch, num)))[rank::world]
+        # Each sample's latent (and label) depends only on its index: the same set for any world size.
+        z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 7919 + i))
+                         for i in ids]) if ids else torch.zeros(0, *shape)
+        c = None
+        if label_dim:
+            k = [torch.randint(label_dim, (1,), generator=torch.Generator().manual_seed(
+                 seed * 7919 + i + 10 ** 9)).item() for i in ids]
+            c = one_hot(torch.tensor(k, dtype=torch.long), label_dim).to(device)
+        x = edm_sampler(denoise, z.to(device), c, num_steps=num_steps) if ids else z.to(device)
+        out.append(_gather_rows(x.to(torch.float32), len(range(start, min(start + batch, num)))))
+    return torch.cat(out)
+
+def _gather_rows(x, total):
+    """Re-interleave rows drawn as [rank::world] on each rank into their original order [total, ...]."""
+    rank, world = dist_info()
+    if world == 1:
+        return x
+    pad = torch.zeros(math.ceil(total / world), *x.shape[1:], device=x.device, dtype=x.dtype)
+    pad[:len(x)] = x
+    parts = [torch.empty_like(pad) for _ in range(world)]
+    torch.distributed.all_gather(parts, pad)
+    return torch.stack(parts, 1).reshape(-1, *x.shape[1:])[:total]
+
+def score(samples, y, mem_threshold=1/3):
+    """Memorization of samples [B,...] against the training set y: ratio, Wilson CI, per-sample d1/d2."""
+    ratios, mask = memorization_scores(quantize_uint8(samples), y, mem_threshold)
+    k = int(mask.sum())
+    return dict(ratio=k / len(mask), ci=list(wilson_interval(k, len(mask)))), ratios
+
+def measure(images, labels, n, cfg, device=torch.device('cpu'), workdir=None, progress=None):
+    """Memorization of a training set of size n -> (point dict, best samples [B,C,H,W], training set)."""
+    y, c, label_dim = training_set(images, labels, n, cfg)
+    y = y.to(device)
+    shape = tuple(y.shape[1:])
+    rank = dist_info()[0]
+    # Resume: finished snapshots (and the best samples so far) live beside the training state.
+    paths = {k: Path(workdir) / f'n{n}.{k}' for k in ('state.pt', 'snapshots.json', 'best.pt')
+             } if workdir is not None else {}
+    snapshots = json.loads(paths['snapshots.json'].read_text()) if paths and \
+        paths['snapshots.json'].exists() else []
+    best_x = torch.load(paths['best.pt']) if paths and paths['best.pt'].exists() else None
+
+    def evaluate(denoise, step):
+        nonlocal best_x
+        x = generate(denoise, cfg.samples, shape, label_dim, cfg.seed, device, cfg.num_steps,
+                     progress=progress)
+        s, _ = score(x, y, cfg.mem_threshold)
+        if best_x is None or s['ratio'] > max(p['ratio'] for p in snapshots):
+            best_x = x.cpu()
+            if paths and rank == 0:
+                _atomic_save(best_x, paths['best.pt'])
+        snapshots.append(dict(step=step, **s))
+        if paths and rank == 0:
+            atomic_write_text(paths['snapshots.json'], json.dumps(snapshots))
+
+    if cfg.optimum:
+        evaluate(OptimalDenoiser(y.double(), None if c is None else c.to(device)), 0)
+    else:
+        precond = build_network(cfg, shape, label_dim).to(device)
+        c1h = one_hot(c, label_dim).to(device) if c is not None else None
+        done = {s['step'] for s in snapshots}
+        torch.manual_seed(cfg.seed)                         # dropout masks
+        for step, ema in train(precond, y, c1h, cfg.train, seed=cfg.seed,
+                               checkpoint=paths.get('state.pt'), progress=progress):
+            if step not in done:
+                evaluate(ema, step)
+    best = max(snapshots, key=lambda s: s['ratio'])        # the study keeps the highest ratio
+    point = dict(size=n, ratio=best['ratio'], ci=best['ci'], best_step=best['step'],
+                 snapshots=snapshots)
+    return point, best_x, y.cpu()
+
+def atomic_write_text(path, text):
+    """Write a text file via a temporary file and a rename: readers never see half of it."""
+    tmp = Path(f'{path}.tmp')
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+def find_emm(ratio_at, lo, hi, threshold=0.9, step=1, tolerance=0.0, known=None):
+    """Largest size in [lo, hi] (multiples of step) with ratio_at(n) >= threshold: double, then bisect.
+
+    ratio_at(n) -> float is called at most once per size (sizes in `known`, a dict {n: ratio}, never);
+    bisection stops when the bracket is one step wide or narrower than tolerance * its lower end.
+    Returns dict(emm, crossing, status, evaluated [(n, ratio), ...] in the order of the search).
+    """
+    if not (step >= 1 and lo >= step and hi >= lo):
+        raise ValueError(f'need 1 <= step <= lo <= hi, got step={step}, lo={lo}, hi={hi}')
+    lo, hi = math.ceil(lo / step) * step, hi // step * step
+    known = dict(known or {})
+    evaluated = []
+
+    def r(n):
+        if n not in known:
+            known[n] = float(ratio_at(n))
+        evaluated.append((n, known[n]))
+        return known[n]
+
+    # Doubling: find a failing size above a passing one.
+    passing, failing = None, None
+    n = lo
+    while True:
+        if r(n) >= threshold:
+            passing = n
+            if n == hi:
+                break
+            n = min(2 * n, hi)
+        else:
+            failing = n
+            break
+    # Bisection between the last passing and the first failing size.
+    while passing is not None and failing is not None and failing - passing > step \
+            and failing - passing > tolerance * passing:
+        mid = (passing + failing) // 2 // step * step
+        if mid <= passing:
+            break
+        if r(mid) >= threshold:
+            passing = mid
+        else:
+            failing = mid
+    if passing is None:
+        status, crossing = f'below range: the ratio at the smallest size {lo} is under {threshold}', None
+    elif failing is None:
+        status, crossing = f'above range: every size up to {hi} memorizes (EMM >= {hi})', None
+    else:
+        rp, rf = known[passing], known[failing]
+        crossing = passing + (rp - threshold) / (rp - rf) * (failing - passing)
+        status = 'bracketed'
+    return dict(emm=passing, crossing=crossing, status=status, evaluated=evaluated)
+
+def summarize(points, threshold=0.9):
+    """EMM (largest passing size measured) and the interpolated crossing from a list of point dicts."""
+    pts = sorted((p['size'], p['ratio']) for p in points)
+    passing = [n for n, r in pts if r >= threshold]
+    if not passing:
+        return dict(emm=None, crossing=None)
+    emm = max(passing)
+    above = [(n, r) for n, r in pts if n > emm]
+    if not above:
+        return dict(emm=emm, crossing=None)
+    rp, (nf, rf) = dict(pts)[emm], above[0]
+    return dict(emm=emm, crossing=emm + (rp - threshold) / (rp - rf) * (nf - emm))
+
+def versions():
+    """Versions of the software a record was made with."""
+    import platform
+    return dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__)
+
+def image_grid(samples, reference, indices, columns=8, scale=None):
+    """uint8 [H', W', C] grid: each generated sample beside its nearest training image."""
+    pairs = torch.stack([samples, reference[indices]], 1)  # [B, 2, C, H, W]
+    B, _, C, H, W = pairs.shape
+    scale = scale or max(1, 64 // H)                        # tiny images are enlarged to be seen
+    rows = math.ceil(B / columns)
+    pairs = torch.cat([pairs, -torch.ones(rows * columns - B, 2, C, H, W)])
+    pad = F.pad(to_uint8(pairs).float(), (1, 1, 1, 1), value=255)  # white frame around each image
+    grid = pad.reshape(rows, columns, 2, C, H + 2, W + 2).permute(0, 4, 1, 2, 5, 3)
+    grid = grid.reshape(rows * (H + 2), columns * 2 * (W + 2), C)
+    return grid.repeat_interleave(scale, 0).repeat_interleave(scale, 1).to(torch.uint8)
+
+def write_png(path, image):
+    """Write a uint8 [H, W, C] image (C = 1 or 3) as PNG with the standard library alone."""
+    import struct
+    import zlib
+    H, W, C = image.shape
+    raw = b''.join(b'\x00' + bytes(row) for row in image.reshape(H, W * C).numpy())
+
+    def chunk(tag, data):
+        return (struct.pack('>I', len(data)) + tag + data
+                + struct.pack('>I', zlib.crc32(tag + data) & 0xffffffff))
+    png = (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', W, H, 8, {1: 0, 3: 2}[C],
+                                                             0, 0, 0))
+           + chunk(b'IDAT', zlib.compress(raw, 9)) + chunk(b'IEND', b''))
+    tmp = Path(f'{path}.tmp')
+    tmp.write_bytes(png)
+    os.replace(tmp, path)
+
+def read_record(outdir, config):
+    """Points already measured in outdir/results.json for this configuration (a clear error otherwise)."""
+    path = Path(outdir) / 'results.json'
+    if not path.exists():
+        return []
+    try:
+        record = json.loads(path.read_text())
+        saved = record['config']
+        points = record['points']
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f'{path}: not a readable memdiff record ({e}); move it away or choose '
+                         'another output folder') from None
+    if saved != config:
+        diff = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+        raise ValueError(f'{path}: holds a run with a different configuration (differs in: '
+                         f'{", ".join(diff)}); choose another output folder')
+    return points
+
+def write_record(outdir, config, points, threshold, extra=None):
+    """results.json (atomically) and results.csv, sizes ascending."""
+    points = sorted(points, key=lambda p: p['size'])
+    record = dict(**summarize(points, threshold), threshold=threshold, points=points, config=config,
+                  versions=versions(), world_size=dist_info()[1], **(extra or {}))
+    atomic_write_text(Path(outdir) / 'results.json', json.dumps(record, indent=1))
+    lines = ['size,ratio,ci_low,ci_high,best_step,snapshot_steps,snapshot_ratios']
+    for p in points:
+        steps = ' '.join(str(s['step']) for s in p['snapshots'])
+        ratios = ' '.join(f"{s['ratio']:.4f}" for s in p['snapshots'])
+        lines.append(f"{p['size']},{p['ratio']:.4f},{p['ci'][0]:.4f},{p['ci'][1]:.4f},"
+                     f"{p['best_step']},{steps},{ratios}")
+    atomic_write_text(Path(outdir) / 'results.csv', '\n'.join(lines) + '\n')
+    return record
+
+def emm_search(cfg, outdir, sizes=None, lo=16, hi=None, step=1, tolerance=0.0,
+               device=torch.device('cpu'), progress=None, log=print):
+    """Measure the sizes (or search [lo, hi]) and write the record to outdir; resumes from outdir."""
+    images, labels = load_dataset(cfg.data, cfg.resolution, cfg.classes)
+    hi = len(images) if hi is None else hi
+    for n in list(sizes or []) + [lo, hi]:
+        if not 1 <= n <= len(images):
+            raise ValueError(f'size {n} is impossible: the data set {cfg.data} has {len(images)} '
+                             'images')
+    config = cfg.to_dict()
+    rank = dist_info()[0]
+    outdir = Path(outdir)
+    points = read_record(outdir, config)                    # before anything is written
+    work = outdir / 'work'
+    if rank == 0:
+        work.mkdir(parents=True, exist_ok=True)
+    if dist_info()[1] > 1:
+        torch.distributed.barrier()
+    if points:
+        log(f'resuming: {len(points)} size(s) already measured in {outdir / "results.json"}')
+    known = {p['size']: p['ratio'] for p in points}
+
+    def ratio_at(n):
+        log(f'|D| = {n}: ' + ('sampling the closed-form optimum' if cfg.optimum else
+                              f'training {cfg.train.total_steps(n)} steps'))
+        point, x, y = measure(images, labels, n, cfg, device, work, progress)
+        points.append(point)
+        if rank == 0:
+            write_record(outdir, config, points, cfg.threshold)
+            _, idx = nearest_neighbors(quantize_uint8(x[:64]), y, k=1)
+            write_png(outdir / f'samples_n{n}.png', image_grid(quantize_uint8(x[:64]), y, idx[:, 0]))
+            for k in ('state.pt',):                         # the record holds the result now
+                (work / f'n{n}.{k}').unlink(missing_ok=True)
+        log(f'|D| = {n}: memorization ratio {point["ratio"]:.3f} '
+            f'(95% CI {point["ci"][0]:.3f}-{point["ci"][1]:.3f}, best step {point["best_step"]})')
+        return point['ratio']
+
+    if sizes:
+        for n in sizes:
+            if n not in known:
+                known[n] = ratio_at(n)
+        search = dict(status='grid')
+    else:
+        search = find_emm(ratio_at, lo, hi, cfg.threshold, step, tolerance, known)
+    # The record is rewritten at the end too, so a resumed run with nothing left still has it whole.
+    record = write_record(outdir, config, points, cfg.threshold, dict(search=search['status']))\
+        if rank == 0 else dict(**summarize(points, cfg.threshold), points=points, search=search['status'])
+    return record
+
+def init_distributed(device_name='auto'):
+    """Join the torchrun process group when launched by torchrun -> (device, rank, world_size)."""
+    if device_name == 'auto':
+        device_name = 'cuda' if torch.cuda.is_available() else 'cpu'
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = 'nccl' if device_name.startswith('cuda') else 'gloo'
+        torch.distributed.init_process_group(backend)
+    rank, world = dist_info()
+    device = torch.device(device_name)
+    if device.type == 'cuda' and device.index is None:
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
+        torch.cuda.set_device(device)
+    return device, rank, world
