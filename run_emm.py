@@ -1,5 +1,6 @@
 """Estimate the effective model memorization (EMM) of a diffusion model: python run_emm.py --help."""
 
+import functools
 import hashlib
 import json
 import sys
@@ -137,12 +138,15 @@ def main(ctx, **opts):
                 dry_run(cfg, opts)
             return
         log = click.echo if rank == 0 else (lambda *a: None)
-        base = opts['outdir'] or (f'runs/sweep-{opts["sweep"].split("=")[0]}-'
-                                  f'{config_hash(configs[0][1])}' if opts['sweep']
+        # Each configuration's default folder is named by its hash, so sweeps and single runs share
+        # (and resume) the records of identical configurations.
+        factor = opts['sweep'].split('=')[0] if opts['sweep'] else None
+        base = opts['outdir'] or (f'runs/sweep-{factor}-{config_hash(make_config(opts))}' if factor
                                   else f'runs/emm-{config_hash(configs[0][1])}')
         records = []
         for value, cfg in configs:
-            outdir = f'{base}/{opts["sweep"].split("=")[0]}={value}' if opts['sweep'] else base
+            outdir = (f'{base}/{factor}={value}' if opts['outdir'] else
+                      f'runs/emm-{config_hash(cfg)}') if factor else base
             log(f'memdiff EMM search -> {outdir} (world size {world}, device {device})')
             record = memdiff.emm_search(
                 cfg, outdir, sizes=int_list(opts['sizes'], '--sizes') if opts['sizes'] else None,
@@ -152,7 +156,7 @@ def main(ctx, **opts):
                 print_table(record, cfg.threshold)
             records.append((value, record))
         if opts['sweep'] and rank == 0:
-            write_sweep(base, opts['sweep'].split('=')[0], records, configs[0][1].threshold)
+            write_sweep(base, factor, records, configs[0][1].threshold)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
@@ -240,9 +244,16 @@ def make_config(o):
         dropout=o['dropout'], train=train, samples=o['samples'], num_steps=o['sampler_steps'],
         threshold=o['threshold'], optimum=o['optimum'], seed=o['seed'])
     memdiff.assign_labels(None, cfg.labels, n=1)             # an unknown label mode fails here
+    if cfg.resolution is not None and cfg.resolution == native_resolution(cfg.data):
+        cfg.resolution = None                               # the same data: the same record
     if not cfg.channel_mult:
         raise click.BadParameter('needs at least one level', param_hint='--channel-mult')
     return cfg
+
+@functools.lru_cache
+def native_resolution(data):
+    """Side of the images of a data set as stored."""
+    return memdiff.load_dataset(data)[0].shape[-1]
 
 def config_hash(cfg):
     """Short hash of the configuration: the default output folder of a run."""
