@@ -24,6 +24,7 @@ References:
   [4] E. B. Wilson. Probable inference, the law of succession, and statistical inference. JASA 1927.
 """
 
+import contextlib
 import copy
 import gzip
 import io
@@ -1099,44 +1100,72 @@ def emm_search(cfg, outdir, sizes=None, lo=16, hi=None, step=1, tolerance=0.0,
             raise ValueError(f'size {n} is impossible: the data set {cfg.data} has {len(images)} '
                              'images')
     config = cfg.to_dict()
-    rank = dist_info()[0]
+    rank, world = dist_info()
     outdir = Path(outdir)
     points = read_record(outdir, config)                    # before anything is written
     work = outdir / 'work'
     if rank == 0:
         work.mkdir(parents=True, exist_ok=True)
-    if dist_info()[1] > 1:
-        torch.distributed.barrier()
-    if points:
-        log(f'resuming: {len(points)} size(s) already measured in {outdir / "results.json"}')
-    known = {p['size']: p['ratio'] for p in points}
+    with _claim(outdir, rank == 0):
+        if world > 1:
+            torch.distributed.barrier()
+        if points:
+            log(f'resuming: {len(points)} size(s) already measured in {outdir / "results.json"}')
+        known = {p['size']: p['ratio'] for p in points}
 
-    def ratio_at(n):
-        log(f'|D| = {n}: ' + ('sampling the closed-form optimum' if cfg.optimum else
-                              f'training {cfg.train.total_steps(n)} steps'))
-        point, x, y = measure(images, labels, n, cfg, device, work, progress)
-        points.append(point)
+        def ratio_at(n):
+            log(f'|D| = {n}: ' + ('sampling the closed-form optimum' if cfg.optimum else
+                                  f'training {cfg.train.total_steps(n)} steps'))
+            point, x, y = measure(images, labels, n, cfg, device, work, progress)
+            points.append(point)
+            if rank == 0:
+                write_record(outdir, config, points, cfg.threshold)
+                x = quantize_uint8(x[:64])
+                _, idx = nearest_neighbors(x, y, k=1)
+                write_png(outdir / f'samples_n{n}.png', image_grid(x, y, idx[:, 0]))
+                (work / f'n{n}.state.pt').unlink(missing_ok=True)  # the record holds the result
+            log(f'|D| = {n}: memorization ratio {point["ratio"]:.3f} (95% CI {point["ci"][0]:.3f}'
+                f'-{point["ci"][1]:.3f}, best step {point["best_step"]})')
+            return point['ratio']
+
+        if sizes:
+            for n in sizes:
+                if n not in known:
+                    known[n] = ratio_at(n)
+            status = 'grid'
+        else:
+            status = find_emm(ratio_at, lo, hi, cfg.threshold, step, tolerance, known)['status']
+        # Rewritten at the end too, so a resumed run with nothing left to do still has it whole.
         if rank == 0:
-            write_record(outdir, config, points, cfg.threshold)
-            _, idx = nearest_neighbors(quantize_uint8(x[:64]), y, k=1)
-            write_png(outdir / f'samples_n{n}.png', image_grid(quantize_uint8(x[:64]), y, idx[:, 0]))
-            for k in ('state.pt',):                         # the record holds the result now
-                (work / f'n{n}.{k}').unlink(missing_ok=True)
-        log(f'|D| = {n}: memorization ratio {point["ratio"]:.3f} '
-            f'(95% CI {point["ci"][0]:.3f}-{point["ci"][1]:.3f}, best step {point["best_step"]})')
-        return point['ratio']
+            return write_record(outdir, config, points, cfg.threshold, dict(search=status))
+        return dict(**summarize(points, cfg.threshold), points=points, search=status)
 
-    if sizes:
-        for n in sizes:
-            if n not in known:
-                known[n] = ratio_at(n)
-        search = dict(status='grid')
-    else:
-        search = find_emm(ratio_at, lo, hi, cfg.threshold, step, tolerance, known)
-    # The record is rewritten at the end too, so a resumed run with nothing left still has it whole.
-    record = write_record(outdir, config, points, cfg.threshold, dict(search=search['status']))\
-        if rank == 0 else dict(**summarize(points, cfg.threshold), points=points, search=search['status'])
-    return record
+@contextlib.contextmanager
+def _claim(outdir, owner=True):
+    """Hold outdir/lock while a search writes there: two searches on one record would lose work."""
+    path = Path(outdir) / 'lock'
+    while owner:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            break
+        except FileExistsError:
+            try:
+                pid = int(path.read_text() or 0)
+                os.kill(pid, 0)                             # raises if that process is gone
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                path.unlink(missing_ok=True)                # the stale lock of a killed run
+                continue
+            except PermissionError:                         # alive, but another user's
+                pass
+            raise ValueError(f'{outdir}: in use by another run (process {pid}); wait for it or '
+                             'choose another output folder') from None
+    try:
+        yield
+    finally:
+        if owner:
+            path.unlink(missing_ok=True)
 
 def init_distributed(device_name='auto'):
     """Join the torchrun process group when launched by torchrun -> (device, rank, world_size)."""
