@@ -1,0 +1,78 @@
+"""Scaling out: torchrun with several processes, and the paper preset on the CPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import memdiff
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ['--steps', '4', '--samples', '24', '--sampler-steps', '3', '--snapshots', '2',
+        '--channels', '8', '--batch', '8']
+
+def run(args, tmp_path, nproc=None):
+    """Run run_emm.py (under torchrun with nproc processes) and return the CompletedProcess."""
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                f'--nproc_per_node={nproc}'] if nproc else [sys.executable]
+    return subprocess.run(launcher + [str(ROOT / 'run_emm.py'), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+@pytest.mark.slow
+def test_torchrun_two_processes_writes_one_record_with_world_size_2(tmp_path):
+    """Under torchrun (gloo, 2 CPU processes) training, sampling and scoring run and rank 0 records."""
+    out = tmp_path / 'ddp'
+    r = run([*TINY, '--sizes', '16,24', '--outdir', str(out)], tmp_path, nproc=2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    record = json.loads((out / 'results.json').read_text())
+    assert record['world_size'] == 2
+    assert [p['size'] for p in record['points']] == [16, 24]
+    assert all(len(p['snapshots']) == 2 for p in record['points'])
+    assert r.stdout.count('EMM at') == 1                    # only rank 0 prints the table
+
+@pytest.mark.slow
+def test_torchrun_optimum_matches_single_process(tmp_path):
+    """Sampling split across ranks draws the same latents: the optimum's record does not change."""
+    args = ['--optimum', '--samples', '30', '--sampler-steps', '4', '--sizes', '16,40']
+    one, two = tmp_path / 'one', tmp_path / 'two'
+    assert run([*args, '--outdir', str(one)], tmp_path).returncode == 0
+    assert run([*args, '--outdir', str(two)], tmp_path, nproc=2).returncode == 0
+    r1, r2 = (json.loads((d / 'results.json').read_text()) for d in (one, two))
+    assert [p['snapshots'] for p in r1['points']] == [p['snapshots'] for p in r2['points']]
+
+def test_generate_is_independent_of_batching():
+    """A sample depends only on its index: batch size does not change the samples."""
+    y = memdiff.load_dataset('digits')[0][:20].double()
+    D = memdiff.OptimalDenoiser(y)
+    a = memdiff.generate(D, 10, (1, 8, 8), 0, seed=3, device=torch.device('cpu'), num_steps=4)
+    b = memdiff.generate(D, 10, (1, 8, 8), 0, seed=3, device=torch.device('cpu'), num_steps=4,
+                         batch=3)
+    torch.testing.assert_close(a, b)
+
+@pytest.mark.slow
+def test_paper_preset_builds_and_takes_a_training_step_on_cpu():
+    """The study's 32x32 DDPM++ (VP, dropout 0.13) builds at 35,125,251 parameters and trains a step."""
+    cfg = memdiff.EMMConfig(channels=128, channel_mult=(2, 2, 2), blocks=2, attn=(16,),
+                            dropout=0.13, train=memdiff.TrainConfig(precond='vp', lr=2e-4, batch=2,
+                                                                    steps=1, snapshots=1))
+    precond = memdiff.build_network(cfg, (3, 32, 32), 0)
+    assert sum(p.numel() for p in precond.parameters()) == 35_125_251
+    y = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    before = [p.detach().clone() for p in precond.parameters()]
+    (step, ema), = list(memdiff.train(precond, y, None, cfg.train))
+    assert step == 1
+    changed = sum(not torch.equal(a, b) for a, b in zip(before, precond.parameters()))
+    assert changed > 0.9 * len(before)                      # Adam moves (almost) every tensor
+    assert all(torch.isfinite(p).all() for p in ema.parameters())
+
+def test_paper_preset_dry_run_reports_the_study_cost(tmp_path):
+    """--preset paper sets the study's network, VP precond, batch 512 and 40k-epoch duration."""
+    r = run(['--dry-run', '--preset', 'paper', '--resolution', '8', '--max-size', '1000'], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert '"precond": "vp"' in r.stdout and '"batch": 512' in r.stdout
+    assert '78,125 training steps' in r.stdout              # 40,000 epochs of 1,000 images / 512
