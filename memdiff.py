@@ -59,8 +59,10 @@ def _check_images(images, source):
     if images.ndim != 4:
         _fail(source, f'images must have rank 3 or 4 (N x C x H x W or N x H x W x C), got shape '
               f'{tuple(images.shape)}')
-    if images.shape[1] not in (1, 3, 4) and images.shape[3] in (1, 3, 4):
-        images = images.transpose(0, 3, 1, 2)               # NHWC -> NCHW
+    nchw = images.shape[1] in (1, 3, 4) and images.shape[2] == images.shape[3]
+    nhwc = images.shape[3] in (1, 3, 4) and images.shape[1] == images.shape[2]
+    if nhwc and not nchw:
+        images = images.transpose(0, 3, 1, 2)               # NHWC -> NCHW (square images)
     if images.shape[0] == 0:
         _fail(source, 'the data set holds no images')
     if images.dtype == np.uint8:
@@ -205,7 +207,8 @@ def load_dataset(spec, resolution=None, classes=None):
 
 def balanced_subset(labels, n, seed=0):
     """Indices [n] of a nested subset: class-balanced (n//C per class, the remainder to the lowest
-    classes) for labels [N]; a seeded random subset when labels is an int N (an unlabelled set)."""
+    classes; a class with too few images gives its share to the others) for labels [N]; a seeded
+    random subset when labels is an int N (an unlabelled set)."""
     if isinstance(labels, int):
         N = labels
     elif labels is None:
@@ -218,16 +221,21 @@ def balanced_subset(labels, n, seed=0):
     if isinstance(labels, int):                             # a prefix of one permutation: nested
         return torch.randperm(N, generator=g)[:n].sort().values
     classes = torch.unique(labels)
-    C = len(classes)
-    # One fixed permutation per class whose first k are kept: smaller subsets are nested in larger
-    # ones (the study's subsets grow by adding images, never by redrawing them).
+    members = [torch.nonzero(labels == c).flatten() for c in classes.tolist()]
+    # Balanced up to the classes' sizes: every class gets min(its size, L) for the largest level L
+    # that fits, and the rest go one each to the lowest classes that still have images. Each
+    # class's share only grows with n, and each class keeps the first k of one fixed permutation:
+    # smaller subsets are nested in larger ones (the study's subsets grow by adding images).
+    caps = [len(m) for m in members]
+    L = 0
+    while L < max(caps) and sum(min(cap, L + 1) for cap in caps) <= n:
+        L += 1
+    rest = n - sum(min(cap, L) for cap in caps)
     picks = []
-    for j, c in enumerate(classes.tolist()):
-        members = torch.nonzero(labels == c).flatten()
-        k = n // C + (1 if j < n % C else 0)
-        if k > len(members):
-            raise ValueError(f'subset size {n} needs {k} images of class {c}, which has {len(members)}')
-        picks.append(members[torch.randperm(len(members), generator=g)[:k]])
+    for m, cap in zip(members, caps):
+        k = min(cap, L) + (1 if cap > L and rest > 0 else 0)
+        rest -= k - min(cap, L)
+        picks.append(m[torch.randperm(cap, generator=g)[:k]])
     return torch.cat(picks).sort().values
 
 def assign_labels(labels, mode, seed=0, n=None):
@@ -454,7 +462,7 @@ def vp_sigma(t, beta_d=19.9, beta_min=0.1):
 def vp_sigma_inv(sigma, beta_d=19.9, beta_min=0.1):
     """Inverse of vp_sigma: t(sigma)."""
     sigma = torch.as_tensor(sigma)
-    return ((beta_min ** 2 + 2 * beta_d * (1 + sigma ** 2).log()).sqrt() - beta_min) / beta_d
+    return ((beta_min ** 2 + 2 * beta_d * sigma.square().log1p()).sqrt() - beta_min) / beta_d
 
 class Precond(nn.Module):
     """D(x [B,C,H,W], sigma [B] or float, labels [B,L]) -> denoised [B,C,H,W] (float32), EDM/VP/VE."""
@@ -501,7 +509,7 @@ class Precond(nn.Module):
 # n ~ N(0, sigma^2 I). Each draws its own sigma from the generator it is given.
 
 def _randn(shape, like, generator):
-    return torch.randn(shape, generator=generator, device=like.device, dtype=torch.float32)
+    return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
 
 def _weighted_loss(denoise, y, sigma, weight, class_labels, generator):
     n = _randn(y.shape, y, generator) * sigma
@@ -581,6 +589,7 @@ class OptimalDenoiser:
         self.shape = tuple(images.shape[1:])
         self.y = images.reshape(len(images), -1)            # [N, d], kept in the caller's dtype
         self.half_sq = self.y.square().sum(1) / 2           # [N]  ||y_i||^2 / 2
+        self.log_tiny = math.log(torch.finfo(self.y.dtype).tiny)
         self.labels = None if labels is None else labels.to(self.y.device).long()
         self.label_dim = 0 if labels is None else int(self.labels.max()) + 1
         self.chunk = int(chunk)
@@ -600,13 +609,15 @@ class OptimalDenoiser:
         acc = xf.new_zeros(B, xf.shape[1])                  # running sum of exp(logit - m) y
         for j in range(0, len(self.y), self.chunk):
             y, hs = self.y[j:j + self.chunk], self.half_sq[j:j + self.chunk]
-            logits = (xf @ y.T - hs) * inv_var              # [B, chunk]
+            # One [B, chunk] buffer, updated in place: peak memory stays ~B x chunk.
+            logits = torch.addmm(hs, xf, y.T, beta=-1).mul_(inv_var)  # [B, chunk]
             if c is not None:
-                logits = logits.masked_fill(c[:, None] != self.labels[None, j:j + self.chunk],
-                                            -math.inf)
+                logits.masked_fill_(c[:, None] != self.labels[None, j:j + self.chunk], -math.inf)
             m_new = torch.maximum(m, logits.amax(1, keepdim=True))
             m_safe = m_new.masked_fill(m_new == -math.inf, 0)  # rows with no image of their class yet
-            p = (logits - m_safe).exp()                     # [B, chunk]
+            # Weights below the smallest normal float are zero to working precision; flushing them
+            # keeps the matmul off the CPU's slow denormal path (a 20x slowdown at large d).
+            p = F.threshold_(logits.sub_(m_safe), self.log_tiny, -math.inf).exp_()  # [B, chunk]
             rescale = (m - m_safe).exp()
             s = s * rescale + p.sum(1, keepdim=True)
             acc = acc * rescale + p @ y
@@ -637,15 +648,15 @@ def nearest_neighbors(samples, reference, k=2, chunk=4096):
         raise ValueError(f'need at least k={k} reference images, got {N}')
     x = samples.reshape(B, -1).to(reference.dtype)          # [B, d]
     ref = reference.reshape(N, -1)                          # [N, d]
-    best_d = x.new_full((B, k), math.inf)
-    best_i = torch.zeros(B, k, dtype=torch.long, device=x.device)
     for j in range(0, N, chunk):
         y = ref[j:j + chunk]
-        d2 = y.square().sum(1) - 2 * (x @ y.T)              # ||x-y||^2 - ||x||^2: same ranking, [B, c]
-        d2, i = torch.cat([best_d, d2], 1), torch.cat([best_i, torch.arange(j, j + len(y),
-                                                       device=x.device).expand(B, -1)], 1)
-        best_d, pos = d2.topk(k, dim=1, largest=False)
-        best_i = i.gather(1, pos)
+        d2 = torch.addmm(y.square().sum(1), x, y.T, alpha=-2)  # ||x-y||^2 - ||x||^2: same order
+        d2, i = d2.topk(min(k, len(y)), dim=1, largest=False)  # [B, k] of this chunk
+        if j > 0:                                           # merge with the best so far
+            d2, i = torch.cat([best_d, d2], 1), torch.cat([best_i, i + j], 1)
+            d2, pos = d2.topk(min(k, d2.shape[1]), dim=1, largest=False)
+            i = i.gather(1, pos)
+        best_d, best_i = d2, i
     # Recompute the k winners exactly: the expansion above loses the small distances to rounding,
     # and an exact copy must have distance exactly 0.
     dist = (x[:, None] - ref[best_i]).norm(dim=2)           # [B, k]
@@ -674,7 +685,7 @@ def wilson_interval(k, n, z=1.96):
     p = k / n
     centre = (p + z ** 2 / (2 * n)) / (1 + z ** 2 / n)
     half = z / (1 + z ** 2 / n) * math.sqrt(p * (1 - p) / n + z ** 2 / (4 * n ** 2))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))  # exact at k = 0, n
 
 #----------------------------------------------------------------------------
 # 8. Training: the loop of EDM's training_loop.py as the study ran it [1, sec. 4; 2, App. F]:

@@ -1,0 +1,185 @@
+"""Benchmarks of memdiff against one-matrix baselines, measured side by side in one process.
+
+Run by hand (not part of the test suite):  python tests/bench.py [--quick]
+Prints a table of time ratios against each baseline (below 1.0 is faster than the baseline),
+achieved GFLOP/s against a plain matmul of the same shapes, throughput of the U-Net, and the peak
+memory of the optimum. Ratios, not absolute times, are the targets: the machine is shared.
+"""
+
+import argparse
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(__import__('pathlib').Path(__file__).resolve().parents[1]))
+import memdiff  # noqa: E402
+
+def best_time(fn, repeat):
+    """Minimum wall time of fn over repeat calls (the minimum is the least noisy estimate)."""
+    fn()                                                    # warm-up
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+def paired(fns, repeat):
+    """Interleave the candidates round by round so that load on the machine hits them alike."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(repeat):
+        for t, fn in zip(times, fns):
+            start = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - start)
+    return [min(t) for t in times]
+
+# Baselines: the formulas written as one matrix over the whole training set.
+def optimum_one_matrix(x, y, sigma):
+    w = torch.softmax(-torch.cdist(x, y).square() / (2 * sigma ** 2), dim=1)  # [B, N]
+    return w @ y
+
+def top2_one_matrix(x, y):
+    return torch.cdist(x, y).topk(2, dim=1, largest=False)
+
+def plain_matmul(x, y, w):
+    return (x @ y.T, w @ y)                                 # the 4 B N d flops of the optimum
+
+def bench_optimum(N, d, B, repeat):
+    g = torch.Generator().manual_seed(0)
+    y, x = torch.rand(N, d, generator=g) * 2 - 1, torch.rand(B, d, generator=g) * 2 - 1
+    w = torch.softmax(torch.randn(B, N, generator=g), 1)
+    D = memdiff.OptimalDenoiser(y)
+    t_ours, t_base, t_mm = paired([lambda: D(x, 1.0), lambda: optimum_one_matrix(x, y, 1.0),
+                                   lambda: plain_matmul(x, y, w)], repeat)
+    t_nn, t_nn_base = paired([lambda: memdiff.nearest_neighbors(x, y),
+                              lambda: top2_one_matrix(x, y)], repeat)
+    flops = 4 * B * N * d
+    return [(f'optimum (N={N}, d={d}, B={B})', t_ours, t_base, flops / t_ours / 1e9,
+             flops / t_mm / 1e9),
+            (f'top-2 neighbours (N={N}, d={d}, B={B})', t_nn, t_nn_base, flops / 2 / t_nn / 1e9,
+             flops / t_mm / 1e9)]
+
+def peak_memory_child(B, N, d, mode):
+    """In a fresh process: extra peak RSS (bytes) of one optimum call over N images of dimension d."""
+    y = torch.rand(N, d) * 2 - 1
+    x = torch.rand(B, d) * 2 - 1
+    D = memdiff.OptimalDenoiser(y)
+    D(x[:2], 1.0)                                           # allocate everything that is per-call
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _ = D(x, 1.0) if mode == 'ours' else optimum_one_matrix(x, y, 1.0)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+
+def peak_memory(B, N, d, mode):
+    code = (f'import sys; sys.path.insert(0, {str(memdiff.DATA_DIR.parent)!r}); '
+            f'sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parent)!r}); '
+            f'import bench; print(bench.peak_memory_child({B}, {N}, {d}, {mode!r}))')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1])
+
+class ManualGroupNorm(torch.nn.Module):
+    """GroupNorm written out (mean and variance per group): what the fused kernel replaces."""
+    def __init__(self, gn):
+        super().__init__()
+        self.G, self.eps, self.weight, self.bias = gn.num_groups, gn.eps, gn.weight, gn.bias
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        g = x.reshape(B, self.G, -1)
+        g = (g - g.mean(-1, keepdim=True)) / (g.var(-1, unbiased=False, keepdim=True) + self.eps).sqrt()
+        return g.reshape(B, C, H, W) * self.weight[:, None, None] + self.bias[:, None, None]
+
+def manual_attention(q, k, v):
+    """softmax(q k^T / sqrt(C)) v with explicit matrices."""
+    w = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+    return w @ v
+
+def unfuse(module):
+    """The same network with hand-written equivalents of the fused operations."""
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.GroupNorm):
+            setattr(module, name, ManualGroupNorm(child))
+        else:
+            if isinstance(child, memdiff.Resample):
+                child.box = False                           # depthwise FIR conv, not pool/nearest
+            unfuse(child)
+    return module
+
+def unet_throughput(res, channels, mult, blocks, attn, batch, in_ch, repeat):
+    """(parameters, training images/s fused, the same unfused, sampler network evaluations/s)."""
+    cfg = memdiff.EMMConfig(channels=channels, channel_mult=mult, blocks=blocks, attn=attn)
+    fused = memdiff.build_network(cfg, (in_ch, res, res), 0)
+    plain = unfuse(memdiff.build_network(cfg, (in_ch, res, res), 0))
+    plain.load_state_dict(fused.state_dict())
+    y = torch.rand(batch, in_ch, res, res, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def stepper(precond):
+        opt = torch.optim.Adam(precond.parameters(), lr=1e-4)
+        g = torch.Generator().manual_seed(0)
+
+        def step():
+            loss = memdiff.edm_loss(precond, y, generator=g).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return step
+    sdpa = F.scaled_dot_product_attention
+    fused_step, plain_step = stepper(fused), stepper(plain)
+
+    def plain_with_manual_attention():
+        F.scaled_dot_product_attention = manual_attention
+        try:
+            plain_step()
+        finally:
+            F.scaled_dot_product_attention = sdpa
+    t_fused, t_plain = paired([fused_step, plain_with_manual_attention], repeat)
+    fused.eval()
+    z = torch.randn(batch, in_ch, res, res)
+    steps = 4
+    t_sample = best_time(lambda: memdiff.edm_sampler(fused, z, num_steps=steps), max(1, repeat // 2))
+    params = sum(p.numel() for p in fused.parameters())
+    return params, batch / t_fused, batch / t_plain, batch * (2 * steps - 1) / t_sample
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--quick', action='store_true', help='fewer repeats, smaller memory test')
+    args = ap.parse_args()
+    repeat = 3 if args.quick else 7
+    print(f'# memdiff benchmarks, {time.strftime("%Y-%m-%d")}, {platform.processor() or platform.machine()}'
+          f', {torch.get_num_threads()} threads, torch {torch.__version__}\n')
+    print('| computation | memdiff (s) | one-matrix baseline (s) | time ratio | GFLOP/s | '
+          'plain matmul GFLOP/s | rate vs matmul |')
+    print('|---|---|---|---|---|---|---|')
+    for N, d, B in [(1797, 64, 512), (5000, 3072, 128)]:
+        for name, t, tb, gf, gm in bench_optimum(N, d, B, repeat):
+            print(f'| {name} | {t:.4f} | {tb:.4f} | {t / tb:.2f}x | {gf:.1f} | {gm:.1f} | '
+                  f'{gf / gm:.2f} |')
+
+    B, N, d = 2048, 20000 if not args.quick else 5000, 3072
+    matrix = B * N * 4
+    ours, base = peak_memory(B, N, d, 'ours'), peak_memory(B, N, d, 'base')
+    print(f'\nPeak extra memory of the optimum, {B} queries over {N} images of {d} values: '
+          f'memdiff {ours / 2**20:.0f} MiB = {ours / matrix:.2f} x one {B} x {N} float32 matrix '
+          f'({matrix / 2**20:.0f} MiB); one-matrix baseline {base / 2**20:.0f} MiB '
+          f'({base / matrix:.2f} x).')
+
+    print('\n| U-Net | parameters | batch | training images/s | unfused images/s | step time '
+          'ratio (fused / unfused) | sampler network evaluations/s |')
+    print('|---|---|---|---|---|---|---|')
+    for name, spec in [('digits default (8x8x1, 16 ch, mult 1,2, 1 block, attn 4)',
+                        (8, 16, (1, 2), 1, (4,), 64, 1)),
+                       ('DDPM++ 32x32x3, 64 ch, mult 2,2,2, 2 blocks, attn 16',
+                        (32, 64, (2, 2, 2), 2, (16,), 8, 3))]:
+        params, ips, plain_ips, evals = unet_throughput(*spec, repeat=max(2, repeat // 2))
+        print(f'| {name} | {params:,} | {spec[5]} | {ips:.0f} | {plain_ips:.0f} | '
+              f'{plain_ips / ips:.2f}x | {evals:.0f} |')
+
+if __name__ == '__main__':
+    main()

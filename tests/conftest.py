@@ -1,0 +1,16 @@
+"""Shared test settings: Hypothesis profiles and the CPU thread count (nothing else is global)."""
+
+import os
+
+import torch
+from hypothesis import settings
+
+# The test machine is small and noisy, so no profile sets a deadline.
+settings.register_profile('dev', max_examples=25, deadline=None)
+# CI replays the same examples on every run and prints the blob needed to reproduce a failure.
+settings.register_profile('ci', max_examples=25, deadline=None, derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get('HYPOTHESIS_PROFILE', 'dev'))
+
+# Every tensor in the suite is tiny: one thread is fastest, and it stays fast on a loaded machine
+# (two spinning OpenMP threads made tiny forwards 20x slower next to other jobs).
+torch.set_num_threads(1)

@@ -1,0 +1,329 @@
+"""The U-Net (parameter counts, shapes, skip switches, labels), preconditioning and the losses."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import memdiff
+
+# Strategies. Bounds are small for speed.
+SEEDS = st.integers(0, 2**31 - 1)
+SIGMAS = st.floats(math.log(0.002), math.log(80)).map(math.exp)    # the sampler's range, log-uniform
+VP_TIMES = st.floats(1e-5, 1.0)
+KINDS = st.sampled_from(['edm', 'vp', 've'])
+TINY_CONFIGS = st.fixed_dictionaries({
+    'img_resolution': st.sampled_from([8, 16]),
+    'in_channels': st.integers(1, 3),
+    'out_channels': st.integers(1, 3),
+    'label_dim': st.integers(0, 3),
+    'model_channels': st.sampled_from([8, 16]),
+    'channel_mult': st.lists(st.integers(1, 3), min_size=1, max_size=3).map(tuple),
+    'num_blocks': st.integers(1, 2),
+    'attn_levels': st.sets(st.integers(0, 2), max_size=2),
+    'arch': st.sampled_from(['ddpmpp', 'ncsnpp']),
+    'embedding': st.sampled_from([None, 'positional', 'fourier']),   # no parameters either way
+})
+
+
+def tiny_unet(**overrides):
+    """A small DDPM++ for 8x8x1 images (the configuration of SPEC section 7, width 16)."""
+    kwargs = dict(img_resolution=8, in_channels=1, out_channels=1, model_channels=16,
+                  channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,), dropout=0.0)
+    kwargs.update(overrides)
+    return memdiff.UNet(**kwargs)
+
+
+def perturb(net, seed):
+    """Overwrite every parameter with seeded noise, so that no output layer starts near zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            fan_in = p[0].numel() if p.dim() > 1 else 1
+            torch.nn.init.normal_(p, 0.0, 1 / math.sqrt(fan_in), generator=g)
+    return net.eval()
+
+
+def num_params(net):
+    return sum(p.numel() for p in net.parameters())
+
+
+def expected_num_params(img_resolution, in_channels, out_channels, label_dim=0, model_channels=128,
+                        channel_mult=(2, 2, 2), num_blocks=2, attn_resolutions=(16,), arch='ddpmpp'):
+    """Parameter count of SPEC section 5 written out layer by layer (independent of memdiff)."""
+    conv = lambda cin, cout, k: cin * cout * k * k + cout
+    linear = lambda cin, cout: cin * cout + cout
+    norm = lambda c: 2 * c
+    emb = 4 * model_channels
+
+    def block(cin, cout, attention=False, resample=False):
+        n = norm(cin) + conv(cin, cout, 3) + linear(emb, cout) + norm(cout) + conv(cout, cout, 3)
+        if cin != cout or resample:
+            n += conv(cin, cout, 1)
+        if attention:
+            n += norm(cout) + conv(cout, 3 * cout, 1) + conv(cout, cout, 1)
+        return n
+
+    noise = model_channels * (1 if arch == 'ddpmpp' else 2)
+    total = linear(noise, emb) + linear(emb, emb) + (linear(label_dim, noise) if label_dim else 0)
+    skips, c, caux = [], in_channels, in_channels
+    for level, mult in enumerate(channel_mult):                 # encoder
+        res = img_resolution >> level
+        if level == 0:
+            total += conv(c, model_channels, 3)
+            c = model_channels
+        else:
+            total += block(c, c, resample=True)
+            if arch == 'ncsnpp':                                # residual path of the input image
+                total += conv(caux, c, 3)
+                caux = c
+        skips.append(c)
+        for _ in range(num_blocks):
+            total += block(c, model_channels * mult, attention=res in attn_resolutions)
+            c = model_channels * mult
+            skips.append(c)
+    for level, mult in reversed(list(enumerate(channel_mult))):  # decoder
+        res = img_resolution >> level
+        if level == len(channel_mult) - 1:
+            total += block(c, c, attention=True) + block(c, c)
+        else:
+            total += block(c, c, resample=True)
+        for idx in range(num_blocks + 1):
+            attention = idx == num_blocks and res in attn_resolutions
+            total += block(c + skips.pop(), model_channels * mult, attention=attention)
+            c = model_channels * mult
+    return total + norm(c) + conv(c, out_channels, 3)
+
+
+#----------------------------------------------------------------------------
+# The U-Net.
+
+@pytest.mark.parametrize('overrides, count', [
+    ({}, 35_125_251),
+    ({'num_blocks': 4}, 55_732_739),
+    ({'label_dim': 10}, 35_126_659),
+    ({'arch': 'ncsnpp'}, 35_788_035),
+], ids=['ddpmpp', 'ddpmpp-4-blocks', 'ddpmpp-10-labels', 'ncsnpp'])
+def test_unet_has_the_study_parameter_counts(overrides, count):
+    """The study's 32x32x3 networks have exactly the published parameter counts."""
+    assert expected_num_params(32, 3, 3, **overrides) == count    # the reference itself is right
+    assert num_params(memdiff.UNet(32, 3, 3, **overrides)) == count
+
+
+@given(config=TINY_CONFIGS, seed=SEEDS)
+def test_unet_parameter_count_and_shape_follow_the_architecture(config, seed):
+    """Any small configuration has the layer-by-layer parameter count and maps [B,C,H,W] to [B,C',H,W]."""
+    config = dict(config)
+    levels = config.pop('attn_levels')
+    config['attn_resolutions'] = tuple(config['img_resolution'] >> l for l in sorted(levels))
+    net = memdiff.UNet(**config, dropout=0.0)
+    del config['embedding']
+    assert num_params(net) == expected_num_params(**config)
+    g = torch.Generator().manual_seed(seed)
+    r, B = config['img_resolution'], 2
+    x = torch.randn(B, config['in_channels'], r, r, generator=g)
+    labels = None
+    if config['label_dim']:
+        labels = torch.eye(config['label_dim'])[torch.randint(config['label_dim'], (B,), generator=g)]
+    out = net.eval()(x, torch.randn(B, generator=g), labels)
+    assert out.shape == (B, config['out_channels'], r, r) and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize('arch', ['ddpmpp', 'ncsnpp'])
+@pytest.mark.parametrize('resolution', [8, 16, 32])
+def test_unet_output_has_input_resolution(arch, resolution):
+    """Both architectures map [B, 3, r, r] to [B, 2, r, r] at r = 8, 16 and 32."""
+    net = tiny_unet(img_resolution=resolution, in_channels=3, out_channels=2, arch=arch,
+                    attn_resolutions=(resolution // 2,))
+    x = torch.randn(2, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
+    out = perturb(net, 0)(x, torch.tensor([0.3, -1.2]))
+    assert out.shape == (2, 2, resolution, resolution)
+    assert torch.isfinite(out).all()
+
+
+SKIP_SWITCHES = st.lists(st.integers(0, 1), min_size=4, max_size=4).filter(lambda s: 0 in s)
+
+
+@given(skips=SKIP_SWITCHES, seed=SEEDS)
+def test_disabling_skips_keeps_parameters_and_changes_output(skips, seed):
+    """Switching skips off leaves the parameter count alone but changes the output; all on = None."""
+    g = torch.Generator().manual_seed(seed)
+    x, c_noise = torch.randn(2, 1, 8, 8, generator=g), torch.randn(2, generator=g)
+    full = perturb(tiny_unet(), seed)
+    all_on = perturb(tiny_unet(skips=[1, 1, 1, 1]), seed)
+    ablated = perturb(tiny_unet(skips=skips), seed)         # 4 skips: len((1, 2)) * (1 + 1)
+    assert num_params(ablated) == num_params(full)
+    with torch.no_grad():
+        reference = full(x, c_noise)
+        torch.testing.assert_close(all_on(x, c_noise), reference)
+        assert (ablated(x, c_noise) - reference).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize('skips', [[1, 1, 1], [1] * 5, [], [1] * 9])
+def test_wrong_number_of_skip_switches_raises(skips):
+    """A skips list whose length is not len(channel_mult) * (num_blocks + 1) raises ValueError."""
+    with pytest.raises(ValueError):
+        tiny_unet(skips=skips)
+
+
+@given(seed=SEEDS)
+def test_class_labels_change_the_output(seed):
+    """Different one-hot labels give different outputs; no labels equals the all-zero label."""
+    g = torch.Generator().manual_seed(seed)
+    net = perturb(tiny_unet(label_dim=3), seed)
+    x, c_noise = torch.randn(2, 1, 8, 8, generator=g), torch.randn(2, generator=g)
+    eye = torch.eye(3)
+    with torch.no_grad():
+        out0, out1 = net(x, c_noise, eye[[0, 0]]), net(x, c_noise, eye[[1, 2]])
+        assert (out0 - out1).abs().max() > 1e-3
+        torch.testing.assert_close(net(x, c_noise, None), net(x, c_noise, torch.zeros(2, 3)))
+
+
+def test_eval_mode_is_deterministic_and_train_mode_drops_out():
+    """With dropout, eval() gives identical outputs on repeated calls; train() does not."""
+    net = perturb(tiny_unet(dropout=0.5), 0)
+    g = torch.Generator().manual_seed(1)
+    x, c_noise = torch.randn(2, 1, 8, 8, generator=g), torch.randn(2, generator=g)
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x, c_noise), net(x, c_noise))
+        net.train()
+        torch.manual_seed(0)                                # dropout draws from the global RNG
+        assert not torch.equal(net(x, c_noise), net(x, c_noise))
+
+
+#----------------------------------------------------------------------------
+# Preconditioning.
+
+def expected_coefficients(kind, sigma, sigma_data=0.5, beta_d=19.9, beta_min=0.1):
+    """(c_skip, c_out, c_in, c_noise) of SPEC section 4.3 in float64 Python arithmetic."""
+    if kind == 'edm':
+        s2 = sigma ** 2 + sigma_data ** 2
+        return (sigma_data ** 2 / s2, sigma * sigma_data / math.sqrt(s2), 1 / math.sqrt(s2),
+                math.log(sigma) / 4)
+    if kind == 'vp':
+        # t solves beta_d t^2 / 2 + beta_min t = ln(1 + sigma^2), the positive root.
+        t = (math.sqrt(beta_min ** 2 + 2 * beta_d * math.log1p(sigma ** 2)) - beta_min) / beta_d
+        return 1.0, -sigma, 1 / math.sqrt(sigma ** 2 + 1), 999 * t
+    return 1.0, sigma, 1.0, math.log(sigma / 2)
+
+
+@given(kind=KINDS, sigma=SIGMAS)
+def test_precond_coefficients_match_the_formulas(kind, sigma):
+    """coefficients(sigma) equals the EDM, VP and VE formulas evaluated in float64."""
+    precond = memdiff.Precond(tiny_unet(), kind=kind)
+    got = precond.coefficients(torch.tensor([sigma], dtype=torch.float64))
+    for name, value, expected in zip(['c_skip', 'c_out', 'c_in', 'c_noise'], got,
+                                     expected_coefficients(kind, sigma)):
+        # c_noise is a float32 network input; 1e-3 is a millionth of VP's 0..999 range.
+        atol = 1e-3 if name == 'c_noise' else 0.0
+        assert math.isclose(float(value.reshape(-1)[0]), expected, rel_tol=1e-5, abs_tol=atol), name
+
+
+@given(t=VP_TIMES)
+def test_vp_sigma_and_its_inverse_agree(t):
+    """vp_sigma is sqrt(exp(beta_d t^2/2 + beta_min t) - 1) and vp_sigma_inv undoes it."""
+    sigma = memdiff.vp_sigma(torch.tensor(t, dtype=torch.float64))
+    assert math.isclose(float(sigma), math.sqrt(math.expm1(19.9 * t * t / 2 + 0.1 * t)), rel_tol=1e-9)
+    assert math.isclose(float(memdiff.vp_sigma_inv(sigma)), t, rel_tol=1e-6)
+
+
+@given(kind=KINDS, sigma=SIGMAS, seed=SEEDS)
+def test_precond_composes_skip_and_scaled_network(kind, sigma, seed):
+    """Precond(x; sigma) = c_skip x + c_out F(c_in x; c_noise) for every kind, sigma as float or tensor."""
+    g = torch.Generator().manual_seed(seed)
+    net = perturb(tiny_unet(label_dim=2), seed)
+    precond = memdiff.Precond(net, kind=kind)
+    x = torch.randn(3, 1, 8, 8, generator=g) * (sigma + 0.5)
+    labels = torch.eye(2)[[0, 1, 1]]
+    c_skip, c_out, c_in, c_noise = expected_coefficients(kind, sigma)
+    with torch.no_grad():
+        expected = c_skip * x + c_out * net(c_in * x, torch.full((3,), c_noise), labels)
+        for sigma_arg in [sigma, torch.full((3,), sigma), torch.full((3, 1, 1, 1), sigma)]:
+            out = precond(x, sigma_arg, labels)
+            assert out.dtype == torch.float32 and out.shape == x.shape
+            torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4 * (1 + sigma))
+
+
+@pytest.mark.parametrize('kind', ['edm', 'vp', 've'])
+def test_precond_tends_to_identity_as_sigma_goes_to_zero(kind):
+    """D(x; sigma) -> x as sigma -> 0, with a network whose output is far from zero."""
+    precond = memdiff.Precond(perturb(tiny_unet(), 0), kind=kind)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        errors = [(precond(x, s) - x).abs().max().item() for s in [1e-1, 1e-3, 1e-5]]
+    assert errors[0] > 1e-3                                   # the network does contribute
+    assert errors[1] < errors[0] and errors[2] < 1e-3
+
+
+#----------------------------------------------------------------------------
+# Losses.
+
+def recording_denoiser(calls, scale=0.3):
+    """A denoiser D(x) = scale * x that records (x, sigma, labels) for each call."""
+    def denoise(x, sigma, class_labels=None):
+        calls.append((x.clone(), sigma.clone(), class_labels))
+        return scale * x
+    return denoise
+
+
+def expected_weight(kind, sigma):
+    return (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2 if kind == 'edm' else 1 / sigma ** 2
+
+
+@given(kind=KINDS, seed=SEEDS)
+def test_loss_is_weighted_squared_error_per_sample(kind, seed):
+    """loss[b] = lambda(sigma_b) * sum over pixels of (D(y_b + n_b; sigma_b) - y_b)^2, shape [B], >= 0."""
+    y = torch.rand(4, 1, 4, 4, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    calls = []
+    labels = torch.eye(3)[[0, 1, 2, 0]]
+    loss = memdiff.LOSSES[kind](recording_denoiser(calls), y, labels,
+                                generator=torch.Generator().manual_seed(seed))
+    assert loss.shape == (4,) and torch.isfinite(loss).all() and (loss >= 0).all()
+    (x, sigma, seen_labels), = calls
+    assert sigma.shape == (4, 1, 1, 1) and seen_labels is labels
+    expected = expected_weight(kind, sigma.double()) * (0.3 * x.double() - y.double()) ** 2
+    torch.testing.assert_close(loss.double(), expected.flatten(1).sum(1), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('kind', ['edm', 'vp', 've'])
+def test_loss_draws_noise_levels_from_the_documented_distribution(kind):
+    """The noise n = x - y has variance sigma^2 and sigma follows the loss's own distribution."""
+    y = torch.zeros(2000, 1, 2, 2)
+    calls = []
+    memdiff.LOSSES[kind](recording_denoiser(calls), y, generator=torch.Generator().manual_seed(0))
+    (x, sigma, _), = calls
+    assert torch.isclose(((x / sigma) ** 2).mean(), torch.tensor(1.0), atol=0.1)   # 8,000 draws
+    log_sigma = sigma.double().log().flatten()
+    if kind == 'edm':                                       # ln sigma ~ N(-1.2, 1.2^2)
+        assert abs(log_sigma.mean() + 1.2) < 0.15 and abs(log_sigma.std() - 1.2) < 0.15
+    elif kind == 'vp':                                      # t ~ U(1e-5, 1)
+        t = memdiff.vp_sigma_inv(sigma.double().flatten())
+        assert t.min() >= 1e-5 - 1e-9 and t.max() <= 1 + 1e-9
+        assert abs(t.mean() - 0.5) < 0.05
+    else:                                                   # ln sigma ~ U(ln 0.02, ln 100)
+        lo, hi = math.log(0.02), math.log(100)
+        assert log_sigma.min() >= lo - 1e-6 and log_sigma.max() <= hi + 1e-6
+        assert abs(log_sigma.mean() - (lo + hi) / 2) < 0.2
+
+
+@given(kind=KINDS, seed=SEEDS)
+def test_loss_is_a_deterministic_function_of_the_generator_seed(kind, seed):
+    """The same generator seed gives the same losses; another seed gives other losses."""
+    y = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    denoise = lambda x, sigma, labels: 0.5 * x
+    loss = lambda s: memdiff.LOSSES[kind](denoise, y, generator=torch.Generator().manual_seed(s))
+    assert torch.equal(loss(seed), loss(seed))
+    assert not torch.equal(loss(seed), loss(seed + 1))
+
+
+@given(kind=KINDS, seed=SEEDS)
+def test_loss_of_the_optimum_of_one_image_is_zero(kind, seed):
+    """On a one-image data set the optimal denoiser returns that image, so the loss vanishes."""
+    image = torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    optimum = memdiff.OptimalDenoiser(image * 2 - 1)
+    loss = memdiff.LOSSES[kind](optimum, (image * 2 - 1).expand(3, -1, -1, -1),
+                                generator=torch.Generator().manual_seed(seed))
+    assert loss.shape == (3,) and loss.abs().max() < 1e-12
