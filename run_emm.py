@@ -4,7 +4,7 @@ import functools
 import hashlib
 import json
 import sys
-from dataclasses import replace
+from pathlib import Path
 
 import click
 import torch
@@ -192,6 +192,7 @@ def write_sweep(base, factor, records, threshold):
         rows.append([value, '-' if r['emm'] is None else str(r['emm']),
                      '-' if r['crossing'] is None else f"{r['crossing']:.0f}"]
                     + [f'{at[n]:.3f}' if n in at else '' for n in sizes])
+    Path(base).mkdir(parents=True, exist_ok=True)
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     click.echo('\n' + '  '.join(h.rjust(w) for h, w in zip(header, widths)))
     for row in rows:
