@@ -721,9 +721,11 @@ class TrainConfig:
     def snapshot_steps(self, n):
         """Steps (ascending, the last one final) at which the EMA network is evaluated."""
         total = self.total_steps(n)
-        every = (math.ceil(self.snapshot_images / self.batch) if self.snapshot_images
-                 else math.ceil(total / max(self.snapshots, 1)))
-        return sorted(set(range(every, total, max(every, 1))) | {total})
+        if self.snapshot_images:
+            every = math.ceil(self.snapshot_images / self.batch)
+            return sorted(set(range(every, total, every)) | {total})
+        S = min(self.snapshots, total)
+        return sorted({round(total * k / S) for k in range(1, S + 1)})
 
 def dist_info():
     """(rank, world_size) of this process; (0, 1) outside torchrun."""
@@ -768,8 +770,11 @@ def train(precond, images, labels=None, cfg=TrainConfig(), seed=0, checkpoint=No
         ema.load_state_dict(state['ema'])
         opt.load_state_dict(state['opt'])
         g_data.set_state(state['g_data'])
-        g_noise.set_state(state['g_noise'][rank] if isinstance(state['g_noise'], list)
-                          else state['g_noise'])
+        rng = state['rng'][rank] if rank < len(state['rng']) else state['rng'][0]
+        g_noise.set_state(rng['noise'])
+        torch.set_rng_state(rng['torch'])
+        if rng['cuda'] is not None and device.type == 'cuda':
+            torch.cuda.set_rng_state(rng['cuda'], device)
         step = state['step']
     model = precond
     if world > 1:
@@ -813,22 +818,28 @@ def train(precond, images, labels=None, cfg=TrainConfig(), seed=0, checkpoint=No
             progress('train', step, total)
 
         if step in snaps:
+            yield step, ema
+            # Saved once the caller has scored this snapshot, so an interruption while sampling
+            # repeats that snapshot instead of skipping it. Every random stream is saved (dropout
+            # draws from torch's global one): a resumed run continues exactly.
             if checkpoint is not None:
-                g_noise_all = _gather_states(g_noise.get_state())
+                rng = _gather_states(dict(noise=g_noise.get_state(), torch=torch.get_rng_state(),
+                                          cuda=torch.cuda.get_rng_state(device)
+                                          if device.type == 'cuda' else None))
                 if rank == 0:
                     _atomic_save(dict(net=precond.state_dict(), ema=ema.state_dict(),
-                                      opt=opt.state_dict(), g_data=g_data.get_state(),
-                                      g_noise=g_noise_all, step=step), checkpoint)
-            yield step, ema
+                                      opt=opt.state_dict(), g_data=g_data.get_state(), rng=rng,
+                                      step=step), checkpoint)
     precond.eval()
 
 def _gather_states(state):
     """The RNG states of all ranks (a list), so a resumed DDP run continues every rank's stream."""
     rank, world = dist_info()
+    state = {k: None if v is None else v.cpu() for k, v in state.items()}
     if world == 1:
         return [state]
     out = [None] * world
-    torch.distributed.all_gather_object(out, state.cpu())
+    torch.distributed.all_gather_object(out, state)
     return out
 
 #----------------------------------------------------------------------------
@@ -951,10 +962,10 @@ def measure(images, labels, n, cfg, device=torch.device('cpu'), workdir=None, pr
     if cfg.optimum:
         evaluate(OptimalDenoiser(y.double(), None if c is None else c.to(device)), 0)
     else:
+        torch.manual_seed(cfg.seed)                         # initial weights (and dropout masks)
         precond = build_network(cfg, shape, label_dim).to(device)
         c1h = one_hot(c, label_dim).to(device) if c is not None else None
         done = {s['step'] for s in snapshots}
-        torch.manual_seed(cfg.seed)                         # dropout masks
         for step, ema in train(precond, y, c1h, cfg.train, seed=cfg.seed,
                                checkpoint=paths.get('state.pt'), progress=progress):
             if step not in done:
@@ -980,6 +991,8 @@ def find_emm(ratio_at, lo, hi, threshold=0.9, step=1, tolerance=0.0, known=None)
     if not (step >= 1 and lo >= step and hi >= lo):
         raise ValueError(f'need 1 <= step <= lo <= hi, got step={step}, lo={lo}, hi={hi}')
     lo, hi = math.ceil(lo / step) * step, hi // step * step
+    if lo > hi:
+        raise ValueError(f'no size in the range is a multiple of the step {step}')
     known = dict(known or {})
     evaluated = []
 
@@ -1110,6 +1123,10 @@ def emm_search(cfg, outdir, sizes=None, lo=16, hi=None, step=1, tolerance=0.0,
         if not 1 <= n <= len(images):
             raise ValueError(f'size {n} is impossible: the data set {cfg.data} has {len(images)} '
                              'images')
+    if not sizes and lo > hi:
+        raise ValueError(f'the smallest size searched ({lo}) is above the largest ({hi})')
+    if not cfg.optimum:                                     # an impossible network fails here
+        build_network(cfg, tuple(images.shape[1:]), 0 if cfg.labels == 'none' else 2)
     config = cfg.to_dict()
     rank, world = dist_info()
     outdir = Path(outdir)
@@ -1118,6 +1135,8 @@ def emm_search(cfg, outdir, sizes=None, lo=16, hi=None, step=1, tolerance=0.0,
     if rank == 0:
         work.mkdir(parents=True, exist_ok=True)
     with _claim(outdir, rank == 0):
+        if rank == 0 and not points:                        # the configuration, before any work
+            write_record(outdir, config, points, cfg.threshold)
         if world > 1:
             torch.distributed.barrier()
         if points:
@@ -1187,7 +1206,15 @@ def init_distributed(device_name='auto'):
         backend = 'nccl' if device_name.startswith('cuda') else 'gloo'
         torch.distributed.init_process_group(backend)
     rank, world = dist_info()
-    device = torch.device(device_name)
+    try:
+        device = torch.device(device_name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device_name!r} (use 'cpu', 'cuda', 'cuda:N' or "
+                         "'auto')") from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f'device {device_name!r} asked for, but this machine has no CUDA GPU')
+    if device.type not in ('cpu', 'cuda'):
+        raise ValueError(f"device {device_name!r} is not supported (use 'cpu' or 'cuda')")
     if device.type == 'cuda' and device.index is None:
         device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
         torch.cuda.set_device(device)

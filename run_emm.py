@@ -245,16 +245,24 @@ def make_config(o):
         dropout=o['dropout'], train=train, samples=o['samples'], num_steps=o['sampler_steps'],
         threshold=o['threshold'], optimum=o['optimum'], seed=o['seed'])
     memdiff.assign_labels(None, cfg.labels, n=1)             # an unknown label mode fails here
-    if cfg.resolution is not None and cfg.resolution == native_resolution(cfg.data):
+    N, side, num_classes = data_info(cfg.data)
+    if cfg.resolution is not None and side % cfg.resolution:
+        raise click.BadParameter(f'{cfg.resolution} does not divide the image size {side} of '
+                                 f'{cfg.data}', param_hint='--resolution')
+    if cfg.classes is not None and cfg.classes > num_classes:
+        raise click.BadParameter(f'{cfg.data} has {num_classes} classes, not {cfg.classes}',
+                                 param_hint='--classes')
+    if cfg.resolution == side:
         cfg.resolution = None                               # the same data: the same record
     if not cfg.channel_mult:
         raise click.BadParameter('needs at least one level', param_hint='--channel-mult')
     return cfg
 
 @functools.lru_cache
-def native_resolution(data):
-    """Side of the images of a data set as stored."""
-    return memdiff.load_dataset(data)[0].shape[-1]
+def data_info(data):
+    """(number of images, image side, number of classes) of a data set, loaded once per run."""
+    images, labels = memdiff.load_dataset(data)
+    return len(images), images.shape[-1], 0 if labels is None else int(labels.max()) + 1
 
 def config_hash(cfg):
     """Short hash of the configuration: the default output folder of a run."""

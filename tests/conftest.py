@@ -9,7 +9,7 @@ from hypothesis import settings
 settings.register_profile('dev', max_examples=25, deadline=None)
 # CI replays the same examples on every run and prints the blob needed to reproduce a failure.
 settings.register_profile('ci', max_examples=25, deadline=None, derandomize=True, print_blob=True)
-settings.load_profile(os.environ.get('HYPOTHESIS_PROFILE', 'dev'))
+settings.load_profile(os.environ.get('HYPOTHESIS_PROFILE', 'ci' if os.environ.get('CI') else 'dev'))
 
 # Every tensor in the suite is tiny: one thread is fastest, and it stays fast on a loaded machine
 # (two spinning OpenMP threads made tiny forwards 20x slower next to other jobs).
