@@ -960,16 +960,20 @@ def measure(images, labels, n, cfg, device=torch.device('cpu'), workdir=None, pr
             atomic_write_text(paths['snapshots.json'], json.dumps(snapshots))
 
     if cfg.optimum:
-        evaluate(OptimalDenoiser(y.double(), None if c is None else c.to(device)), 0)
+        if not snapshots:
+            evaluate(OptimalDenoiser(y.double(), None if c is None else c.to(device)), 0)
     else:
-        torch.manual_seed(cfg.seed)                         # initial weights (and dropout masks)
-        precond = build_network(cfg, shape, label_dim).to(device)
-        c1h = one_hot(c, label_dim).to(device) if c is not None else None
-        done = {s['step'] for s in snapshots}
-        for step, ema in train(precond, y, c1h, cfg.train, seed=cfg.seed,
-                               checkpoint=paths.get('state.pt'), progress=progress):
-            if step not in done:
-                evaluate(ema, step)
+        # Initial weights and dropout masks come from torch's global generator: seed it, inside a
+        # fork so that the caller's random state is left as it was.
+        with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+            torch.manual_seed(cfg.seed)
+            precond = build_network(cfg, shape, label_dim).to(device)
+            c1h = one_hot(c, label_dim).to(device) if c is not None else None
+            done = {s['step'] for s in snapshots}
+            for step, ema in train(precond, y, c1h, cfg.train, seed=cfg.seed,
+                                   checkpoint=paths.get('state.pt'), progress=progress):
+                if step not in done:
+                    evaluate(ema, step)
     best = max(snapshots, key=lambda s: s['ratio'])        # the study keeps the highest ratio
     point = dict(size=n, ratio=best['ratio'], ci=best['ci'], best_step=best['step'],
                  snapshots=snapshots)
