@@ -89,6 +89,7 @@ Examples:
 @click.option('--snapshot-images', metavar='INT', type=click.IntRange(min=1), default=None,
               help='Or one snapshot every so many training images.')
 @click.option('--amp', is_flag=True, help='bf16 autocast for the network (the study ran fp32).')
+@click.option('--tf32', is_flag=True, help='Allow TF32 matrix products on CUDA (off: fp32 as the study).')
 # Evaluation and search.
 @click.option('--samples', metavar='INT', type=click.IntRange(min=1), default=1000, show_default=True,
               help='Generated samples per snapshot.')
@@ -130,7 +131,7 @@ def main(ctx, **opts):
                 opts[k] = v
     try:
         device, rank, world = memdiff.init_distributed(opts['device'])
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = opts['tf32']
         runs = sweep_values(ctx, opts) if opts['sweep'] else [(None, opts)]
         configs = [(value, make_config(o)) for value, o in runs]  # every value checked up front
         if opts['dry_run']:
