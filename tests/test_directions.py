@@ -1,8 +1,8 @@
 """The study's directions at a tiny budget (SPEC §2): fewer images and unique labels memorize more.
 
 Each case trains the 8-channel digits DDPM++ for 600 steps and scores 200 samples: about half a
-minute of CPU time per training. Measured on this setup (seed 0): |D| = 16 memorizes 0.905 of its
-samples and |D| = 64 none; with one label per image |D| = 64 memorizes 0.56.
+minute of CPU time per training. Measured on this setup (seed 0, torch 2.13 CPU): |D| = 16 memorizes
+0.90 of its samples and |D| = 64 none (0.0); with one label per image |D| = 64 memorizes 0.56.
 """
 
 import functools
