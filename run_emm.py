@@ -245,8 +245,12 @@ def make_config(o):
         skips=int_list(o['skips'], '--skips') if o['skips'] else None, embedding=o['embedding'],
         dropout=o['dropout'], train=train, samples=o['samples'], num_steps=o['sampler_steps'],
         threshold=o['threshold'], optimum=o['optimum'], seed=o['seed'])
-    memdiff.assign_labels(None, cfg.labels, n=1)             # an unknown label mode fails here
     N, side, num_classes = data_info(cfg.data)
+    if cfg.labels == 'true' and not num_classes:
+        raise click.BadParameter(f"'true' needs a data set with labels, and {cfg.data} has none",
+                                 param_hint='--labels')
+    if cfg.labels != 'true':
+        memdiff.assign_labels(None, cfg.labels, n=1)         # an unknown label mode fails here
     if cfg.resolution is not None and side % cfg.resolution:
         raise click.BadParameter(f'{cfg.resolution} does not divide the image size {side} of '
                                  f'{cfg.data}', param_hint='--resolution')

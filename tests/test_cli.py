@@ -123,6 +123,25 @@ def test_optimum_memorizes_every_size(tmp_path):
     assert all(p['ratio'] >= 0.99 for p in points)
 
 
+@pytest.mark.parametrize('labels', ['none', 'true', 'random:3', 'unique'])
+def test_every_label_mode_runs_end_to_end(tmp_path, labels):
+    """Each label mode runs on the digits and the (conditional) optimum memorizes its samples."""
+    out = tmp_path / 'run'
+    result = invoke(*OPTIMUM, '--labels', labels, '--sizes', '20', '--outdir', out)
+    assert result.exit_code == 0, result.output
+    assert record(out)['config']['labels'] == labels
+    assert record(out)['points'][0]['ratio'] >= 0.99
+
+
+@pytest.mark.slow
+def test_true_labels_train_a_conditional_network(tmp_path):
+    """--labels true trains a network with one label input per class of the subset."""
+    out = tmp_path / 'run'
+    result = invoke(*TINY, '--labels', 'true', '--sizes', '20', '--outdir', out)
+    assert result.exit_code == 0, result.output
+    assert len(record(out)['points'][0]['snapshots']) == 2
+
+
 def test_optimum_search_ends_above_range(tmp_path):
     """Searching 16..64 with the optimum doubles up to 64: EMM 64, status 'above range'."""
     out = tmp_path / 'run'
