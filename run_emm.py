@@ -101,7 +101,7 @@ Examples:
 @click.option('--min-size', metavar='INT', type=click.IntRange(min=1), default=16, show_default=True)
 @click.option('--max-size', metavar='INT', type=click.IntRange(min=1), default=None,
               help='Largest size searched (default: the data set).')
-@click.option('--tolerance', metavar='FLOAT', type=click.FloatRange(min=0), default=0.3,
+@click.option('--tolerance', metavar='FLOAT', type=click.FloatRange(min=0), default=0.35,
               show_default=True, help='Stop bisecting when the bracket is this narrow (relative).')
 @click.option('--optimum', is_flag=True, help='Score the closed-form optimal denoiser instead.')
 # Run.
