@@ -619,10 +619,10 @@ class OptimalDenoiser:
             # keeps the matmul off the CPU's slow denormal path (a 20x slowdown at large d).
             p = F.threshold_(logits.sub_(m_safe), self.log_tiny, -math.inf).exp_()  # [B, chunk]
             rescale = (m - m_safe).exp()
-            s = s * rescale + p.sum(1, keepdim=True)
-            acc = acc * rescale + p @ y
+            s.mul_(rescale).add_(p.sum(1, keepdim=True))
+            acc.mul_(rescale).addmm_(p, y)                 # in place: no [B, d] temporaries
             m = m_new
-        return (acc / s).reshape(B, *self.shape).to(x.dtype)
+        return acc.div_(s).reshape(B, *self.shape).to(x.dtype)
 
     def _classes(self, class_labels, B):
         """Class index per sample [B] from one-hot rows or integers; None for the unconditional optimum."""

@@ -8,7 +8,6 @@ memory of the optimum. Ratios, not absolute times, are the targets: the machine 
 
 import argparse
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -67,15 +66,22 @@ def bench_optimum(N, d, B, repeat):
             (f'top-2 neighbours (N={N}, d={d}, B={B})', t_nn, t_nn_base, flops / 2 / t_nn / 1e9,
              flops / t_mm / 1e9)]
 
+def _status_kib(key):
+    """A field of /proc/self/status in KiB (VmRSS, VmHWM)."""
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ':'))
+
 def peak_memory_child(B, N, d, mode):
-    """In a fresh process: extra peak RSS (bytes) of one optimum call over N images of dimension d."""
-    y = torch.rand(N, d) * 2 - 1
-    x = torch.rand(B, d) * 2 - 1
+    """In a fresh process: peak RSS above the steady state (bytes) during one optimum call (Linux)."""
+    y = torch.empty(N, d).uniform_(-1, 1)                   # in place: no temporary raises the peak
+    x = torch.empty(B, d).uniform_(-1, 1)
     D = memdiff.OptimalDenoiser(y)
     D(x[:2], 1.0)                                           # allocate everything that is per-call
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open('/proc/self/clear_refs', 'w') as f:           # reset the peak (VmHWM) to the RSS now
+        f.write('5')
+    before = _status_kib('VmRSS')
     _ = D(x, 1.0) if mode == 'ours' else optimum_one_matrix(x, y, 1.0)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+    return (_status_kib('VmHWM') - before) * 1024
 
 def peak_memory(B, N, d, mode):
     code = (f'import sys; sys.path.insert(0, {str(memdiff.DATA_DIR.parent)!r}); '
