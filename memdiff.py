@@ -344,7 +344,7 @@ class Block(nn.Module):
         return x
 
 class UNet(nn.Module):
-    """DDPM++ ('ddpmpp') or NCSN++ ('ncsnpp') U-Net: F(x [B,C,H,W], c_noise [B], labels [B,L]) -> [B,C',H,W]."""
+    """DDPM++ or NCSN++ U-Net: F(x [B,C,H,W], c_noise [B], labels [B,L]) -> [B,C',H,W]."""
     def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, model_channels=128,
                  channel_mult=(2, 2, 2), num_blocks=2, attn_resolutions=(16,), dropout=0.13,
                  arch='ddpmpp', embedding=None, skips=None):
