@@ -1174,6 +1174,16 @@ def emm_search(cfg, outdir, sizes=None, lo=16, hi=None, step=1, tolerance=0.0,
             return write_record(outdir, config, points, cfg.threshold, dict(search=status))
         return dict(**summarize(points, cfg.threshold), points=points, search=status)
 
+def _alive(pid):
+    """Whether process pid exists (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                                 # alive, but another user's
+        return True
+    return True
+
 @contextlib.contextmanager
 def _claim(outdir, owner=True):
     """Hold outdir/lock while a search writes there: two searches on one record would lose work."""
@@ -1187,12 +1197,11 @@ def _claim(outdir, owner=True):
         except FileExistsError:
             try:
                 pid = int(path.read_text() or 0)
-                os.kill(pid, 0)                             # raises if that process is gone
-            except (ValueError, ProcessLookupError, FileNotFoundError):
+            except (ValueError, FileNotFoundError):
+                pid = 0
+            if pid <= 0 or not _alive(pid):
                 path.unlink(missing_ok=True)                # the stale lock of a killed run
                 continue
-            except PermissionError:                         # alive, but another user's
-                pass
             raise ValueError(f'{outdir}: in use by another run (process {pid}); wait for it or '
                              'choose another output folder') from None
     try:

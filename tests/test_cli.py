@@ -1,6 +1,7 @@
 """The command line run_emm.py: the record it writes, resuming, sweeps, dry runs and clear errors."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -440,3 +441,16 @@ def test_sweep_writes_table_files_and_reuses_records(tmp_path, count_measures):
     assert result.exit_code == 0, result.output
     assert count_measures == [16, 32, 16, 32]
     assert (out / 'sweep.json').read_text() == before
+
+
+def test_folder_in_use_by_a_live_run_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
+    """A lock naming a live process stops a second run; the lock of a dead process is taken over."""
+    out = tmp_path / 'run'
+    assert invoke(*OPTIMUM, '--sizes', '16', '--outdir', out).exit_code == 0
+    (out / 'lock').write_text(str(os.getpid()))            # this test's process: alive
+    assert_clean_error(invoke(*OPTIMUM, '--sizes', '16,24', '--outdir', out), 'in use')
+    (out / 'lock').write_text('999999999')                  # no such process
+    result = invoke(*OPTIMUM, '--sizes', '16,24', '--outdir', out)
+    assert result.exit_code == 0, result.output
+    assert [p['size'] for p in record(out)['points']] == [16, 24]
+    assert not (out / 'lock').exists()
