@@ -913,7 +913,7 @@ def generate(denoise, num, shape, label_dim, seed, device, num_steps=18, batch=1
                  seed * 7919 + i + 10 ** 9)).item() for i in ids]
             c = one_hot(torch.tensor(k, dtype=torch.long), label_dim).to(device)
         x = edm_sampler(denoise, z.to(device), c, num_steps=num_steps) if ids else z.to(device)
-        out.append(_gather_rows(x.to(torch.float32), len(range(start, min(start + batch, num)))))
+        out.append(_gather_rows(x.to(torch.float32), min(batch, num - start)))
     return torch.cat(out)
 
 def _gather_rows(x, total):
