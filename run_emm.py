@@ -126,8 +126,14 @@ def main(ctx, **opts):
     the same command resumes an interrupted search.
     """
     if opts['preset']:
+        given = {k for k in opts
+                 if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+        # An explicit --steps (--snapshots) replaces the preset's --epochs (--snapshot-images):
+        # otherwise the preset's duration would silently win over the one asked for.
+        given |= {alt for k, alt in (('steps', 'epochs'), ('snapshots', 'snapshot_images'))
+                  if k in given}
         for k, v in PRESETS[opts['preset']].items():
-            if ctx.get_parameter_source(k) != click.core.ParameterSource.COMMANDLINE:
+            if k not in given:
                 opts[k] = v
     try:
         device, rank, world = memdiff.init_distributed(opts['device'])

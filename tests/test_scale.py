@@ -76,3 +76,11 @@ def test_paper_preset_dry_run_reports_the_study_cost(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert '"precond": "vp"' in r.stdout and '"batch": 512' in r.stdout
     assert '78,125 training steps' in r.stdout              # 40,000 epochs of 1,000 images / 512
+
+def test_explicit_steps_and_snapshots_replace_the_paper_presets_epochs(tmp_path):
+    """--preset paper --steps 300 --snapshots 1 trains 300 steps with one snapshot, not 40k epochs."""
+    r = run(['--dry-run', '--preset', 'paper', '--resolution', '8', '--max-size', '1000',
+             '--steps', '300', '--snapshots', '1'], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert '"epochs": null' in r.stdout and '"snapshot_images": null' in r.stdout
+    assert '300 training steps of batch 512' in r.stdout and '1 snapshot(s)' in r.stdout
