@@ -646,8 +646,8 @@ def nearest_neighbors(samples, reference, k=2, chunk=4096):
     B, N = samples.shape[0], reference.shape[0]
     if N < k:
         raise ValueError(f'need at least k={k} reference images, got {N}')
-    x = samples.reshape(B, -1).to(reference.dtype)          # [B, d]
     ref = reference.reshape(N, -1)                          # [N, d]
+    x = samples.reshape(B, ref.shape[1]).to(ref.dtype)      # [B, d], B = 0 too: a rank's share
     for j in range(0, N, chunk):
         y = ref[j:j + chunk]
         d2 = torch.addmm(y.square().sum(1), x, y.T, alpha=-2)  # ||x-y||^2 - ||x||^2: same order
