@@ -646,8 +646,8 @@ def nearest_neighbors(samples, reference, k=2, chunk=4096):
     B, N = samples.shape[0], reference.shape[0]
     if N < k:
         raise ValueError(f'need at least k={k} reference images, got {N}')
-    x = samples.reshape(B, -1).to(reference.dtype)          # [B, d]
     ref = reference.reshape(N, -1)                          # [N, d]
+    x = samples.reshape(B, ref.shape[1]).to(ref.dtype)      # [B, d], B = 0 too: a rank's share
     for j in range(0, N, chunk):
         y = ref[j:j + chunk]
         d2 = torch.addmm(y.square().sum(1), x, y.T, alpha=-2)  # ||x-y||^2 - ||x||^2: same order
@@ -928,10 +928,17 @@ def _gather_rows(x, total):
     return torch.stack(parts, 1).reshape(-1, *x.shape[1:])[:total]
 
 def score(samples, y, mem_threshold=1/3):
-    """Memorization of samples [B,...] against the training set y: ratio, Wilson CI, per-sample d1/d2."""
-    ratios, mask = memorization_scores(quantize_uint8(samples), y, mem_threshold)
-    k = int(mask.sum())
-    return dict(ratio=k / len(mask), ci=list(wilson_interval(k, len(mask)))), ratios
+    """Memorization of samples [B,...] against the training set y: ratio, Wilson CI, d1/d2 [B]."""
+    B = len(samples)
+    if B == 0:
+        raise ValueError('score needs at least one sample')
+    # Under torchrun each rank searches the nearest neighbours of its rows [rank::world] only; the
+    # gathered ratios are the same on every rank, so every rank reaches the same next size.
+    rank, world = dist_info()
+    ratios = memorization_scores(quantize_uint8(samples[rank::world]), y, mem_threshold)[0]
+    ratios = _gather_rows(ratios, B)
+    k = int((ratios < mem_threshold).sum())
+    return dict(ratio=k / B, ci=list(wilson_interval(k, B))), ratios
 
 def measure(images, labels, n, cfg, device=torch.device('cpu'), workdir=None, progress=None):
     """Memorization of a training set of size n -> (point dict, best samples [B,C,H,W], training set)."""

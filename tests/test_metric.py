@@ -151,6 +151,15 @@ def test_fewer_than_two_distinct_references_raise():
         memdiff.memorization_scores(y, y.expand(3, -1, -1, -1))
 
 
+def test_no_samples_give_empty_scores_and_score_refuses_them():
+    """An empty batch (a rank's share under torchrun) has empty scores; score() of it raises."""
+    y = draw(0, 5, 1, 2, 2)
+    ratio, mask = memdiff.memorization_scores(y[:0], y)
+    assert ratio.shape == mask.shape == (0,)
+    with pytest.raises(ValueError, match='at least one sample'):
+        memdiff.score(y[:0], y)
+
+
 #----------------------------------------------------------------------------
 # The study's 8-bit pipeline.
 

@@ -15,12 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ['--steps', '4', '--samples', '24', '--sampler-steps', '3', '--snapshots', '2',
         '--channels', '8', '--batch', '8']
 
-def run(args, tmp_path, nproc=None):
-    """Run run_emm.py (under torchrun with nproc processes) and return the CompletedProcess."""
-    env = dict(os.environ, OMP_NUM_THREADS='1')
+def run(args, tmp_path, nproc=None, script=ROOT / 'run_emm.py'):
+    """Run script (under torchrun with nproc processes) and return the CompletedProcess."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')]))
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=path)   # scripts in tmp_path too
     launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
                 f'--nproc_per_node={nproc}'] if nproc else [sys.executable]
-    return subprocess.run(launcher + [str(ROOT / 'run_emm.py'), *args], cwd=tmp_path, env=env,
+    return subprocess.run(launcher + [str(script), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
 
 @pytest.mark.slow
@@ -37,13 +38,48 @@ def test_torchrun_two_processes_writes_one_record_with_world_size_2(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_optimum_matches_single_process(tmp_path):
-    """Sampling split across ranks draws the same latents: the optimum's record does not change."""
+    """Sampling and the neighbour search split across ranks leave the optimum's record unchanged."""
     args = ['--optimum', '--samples', '30', '--sampler-steps', '4', '--sizes', '16,40']
     one, two = tmp_path / 'one', tmp_path / 'two'
-    assert run([*args, '--outdir', str(one)], tmp_path).returncode == 0
-    assert run([*args, '--outdir', str(two)], tmp_path, nproc=2).returncode == 0
+    for outdir, nproc in (one, None), (two, 2):
+        r = run([*args, '--outdir', str(outdir)], tmp_path, nproc)
+        assert r.returncode == 0, r.stderr[-2000:]
     r1, r2 = (json.loads((d / 'results.json').read_text()) for d in (one, two))
     assert [p['snapshots'] for p in r1['points']] == [p['snapshots'] for p in r2['points']]
+
+# Scores each batch of samples under torchrun, counting the rows each rank's own search is given.
+SPLIT_SCORE = """
+import sys, torch, memdiff
+_, rank, _ = memdiff.init_distributed('cpu')
+searched, scores = [], memdiff.memorization_scores
+memdiff.memorization_scores = lambda x, *a: searched.append(len(x)) or scores(x, *a)
+data = torch.load(sys.argv[1])
+out = [memdiff.score(x, data['y']) for x in data['batches']]
+torch.save(dict(out=out, searched=searched), f'{sys.argv[2]}.{rank}')
+"""
+
+@pytest.mark.slow
+def test_split_score_gives_every_rank_the_single_process_ratios(tmp_path):
+    """Two ranks search their rows [rank::2] only; both get the single-process d1/d2 and ratio."""
+    y = memdiff.load_dataset('digits')[0][:40]
+    g = torch.Generator().manual_seed(0)
+    # Training images plus noise growing from none: the first rows are memorized, the last are not.
+    batches = [(y[:n] + torch.linspace(0, 1, n)[:, None, None, None]
+                * torch.randn(n, *y.shape[1:], generator=g)).clamp(-1, 1) for n in (7, 2, 1)]
+    torch.save(dict(y=y, batches=batches), tmp_path / 'in.pt')
+    (tmp_path / 'split_score.py').write_text(SPLIT_SCORE)
+    r = run([str(tmp_path / 'in.pt'), str(tmp_path / 'out')], tmp_path, nproc=2,
+            script=tmp_path / 'split_score.py')
+    assert r.returncode == 0, r.stderr[-2000:]
+    expected = [memdiff.memorization_scores(memdiff.quantize_uint8(x), y) for x in batches]
+    assert 0 < expected[0][1].sum() < 7                     # the 7 rows hold both kinds
+    for rank, rows in enumerate([[4, 1, 1], [3, 1, 0]]):   # 7, 2 and 1 samples split in two
+        got = torch.load(tmp_path / f'out.{rank}')
+        assert got['searched'] == rows
+        for (s, ratios), (ratio, mask) in zip(got['out'], expected):
+            assert torch.equal(ratios, ratio)
+            k, n = int(mask.sum()), len(mask)
+            assert s == dict(ratio=k / n, ci=list(memdiff.wilson_interval(k, n)))
 
 def test_generate_is_independent_of_batching():
     """A sample depends only on its index: batch size does not change the samples."""
