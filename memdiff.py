@@ -588,7 +588,7 @@ class OptimalDenoiser:
     def __init__(self, images, labels=None, chunk=4096):
         self.shape = tuple(images.shape[1:])
         self.y = images.reshape(len(images), -1)            # [N, d], kept in the caller's dtype
-        self.half_sq = self.y.square().sum(1) / 2           # [N]  ||y_i||^2 / 2
+        self.half_sq = torch.linalg.vector_norm(self.y, dim=1).square_() / 2  # [N] ||y_i||^2 / 2
         self.log_tiny = math.log(torch.finfo(self.y.dtype).tiny)
         self.labels = None if labels is None else labels.to(self.y.device).long()
         self.label_dim = 0 if labels is None else int(self.labels.max()) + 1
@@ -607,10 +607,13 @@ class OptimalDenoiser:
         m = xf.new_full((B, 1), -math.inf)                  # running max of the logits
         s = xf.new_zeros(B, 1)                              # running sum of exp(logit - m)
         acc = xf.new_zeros(B, xf.shape[1])                  # running sum of exp(logit - m) y
+        # One [B, chunk] buffer, reused by every chunk and updated in place: peak memory stays
+        # ~B x chunk (a fresh one per chunk would briefly hold two).
+        buf = xf.new_empty(B * min(self.chunk, len(self.y)))
         for j in range(0, len(self.y), self.chunk):
             y, hs = self.y[j:j + self.chunk], self.half_sq[j:j + self.chunk]
-            # One [B, chunk] buffer, updated in place: peak memory stays ~B x chunk.
-            logits = torch.addmm(hs, xf, y.T, beta=-1).mul_(inv_var)  # [B, chunk]
+            logits = torch.addmm(hs, xf, y.T, beta=-1, out=buf[:B * len(y)].view(B, len(y)))
+            logits.mul_(inv_var)                            # [B, chunk]
             if c is not None:
                 logits.masked_fill_(c[:, None] != self.labels[None, j:j + self.chunk], -math.inf)
             m_new = torch.maximum(m, logits.amax(1, keepdim=True))
@@ -641,6 +644,23 @@ class OptimalDenoiser:
 # NN_1 and NN_2 its nearest and second-nearest training images (L2 over pixels). The memorization
 # ratio is the fraction of samples memorized; its uncertainty is the Wilson score interval [4].
 
+def _smallest(d2, k, g=8):
+    """The k smallest entries of each row of d2 [B, M] -> (values [B, k], column indices [B, k])."""
+    B, M = d2.shape
+    nb = M // g
+    if nb < 128 or d2.device.type != 'cpu' or d2.stride(1) != 1:  # topk is as fast there
+        return d2.topk(k, dim=1, largest=False)
+    # On a CPU topk visits the entries one by one, where amin is vectorised. Columns c, c + nb, ...,
+    # c + (g-1) nb form block c: the k smallest entries lie in the k blocks with the smallest
+    # minima (any other block's minimum is beaten by those k minima), so topk only sees those
+    # k*g columns and the M - g*nb left over.
+    blocks = d2.as_strided((B, g, nb), (d2.stride(0), nb, 1))
+    c = blocks.amin(1).topk(k, dim=1, largest=False).indices  # [B, k]
+    cols = torch.cat([(c[:, :, None] + nb * torch.arange(g)).reshape(B, k * g),
+                      torch.arange(g * nb, M).expand(B, -1)], 1)  # [B, k*g + M - g*nb]
+    v, pos = d2.gather(1, cols).topk(k, dim=1, largest=False)
+    return v, cols.gather(1, pos)
+
 def nearest_neighbors(samples, reference, k=2, chunk=4096):
     """k nearest references of each sample -> (L2 distances [B, k] ascending, indices [B, k])."""
     B, N = samples.shape[0], reference.shape[0]
@@ -650,8 +670,11 @@ def nearest_neighbors(samples, reference, k=2, chunk=4096):
     x = samples.reshape(B, ref.shape[1]).to(ref.dtype)      # [B, d], B = 0 too: a rank's share
     for j in range(0, N, chunk):
         y = ref[j:j + chunk]
-        d2 = torch.addmm(y.square().sum(1), x, y.T, alpha=-2)  # ||x-y||^2 - ||x||^2: same order
-        d2, i = d2.topk(min(k, len(y)), dim=1, largest=False)  # [B, k] of this chunk
+        # vector_norm reads y once; y.square().sum(1) would write a [chunk, d] temporary first,
+        # which at d = 3072 costs more than the matrix product itself.
+        y_sq = torch.linalg.vector_norm(y, dim=1).square_()  # [chunk]
+        d2 = torch.addmm(y_sq, x, y.T, alpha=-2)            # ||x-y||^2 - ||x||^2: same order
+        d2, i = _smallest(d2, min(k, len(y)))                # [B, k] of this chunk
         if j > 0:                                           # merge with the best so far
             d2, i = torch.cat([best_d, d2], 1), torch.cat([best_i, i + j], 1)
             d2, pos = d2.topk(min(k, d2.shape[1]), dim=1, largest=False)

@@ -48,6 +48,31 @@ def test_chunked_nearest_neighbors_equal_one_matrix_search(n, b, k, chunk, shape
     assert (d[:, 1:] >= d[:, :-1]).all()
 
 
+@given(m=st.integers(1024, 1100), b=BATCHES, k=NEIGHBOURS, levels=st.integers(1, 50),
+       planted=st.lists(st.one_of(st.integers(0, 15), st.integers(0, 1099)), max_size=3),
+       seed=SEEDS)
+def test_blockwise_selection_finds_the_k_smallest_entries_ties_included(m, b, k, levels, planted,
+                                                                      seed):
+    """The block-minimum pre-selection gives topk's values, at k distinct columns holding them."""
+    g = torch.Generator().manual_seed(seed)
+    d2 = torch.randint(levels, (b, m), generator=g).float()  # few levels: many ties
+    for p in planted:                                       # the smallest anywhere, in the last
+        d2[:, (m - 1 - p) % m] = -1                         # columns (left over by blocks) too
+    v, i = memdiff._smallest(d2, k)
+    expected = d2.topk(k, dim=1, largest=False).values
+    assert torch.equal(v.sort(1).values, expected.sort(1).values)
+    assert torch.equal(d2.gather(1, i), v)
+    assert all(len(set(row)) == k for row in i.tolist())
+
+
+def test_blockwise_selection_of_a_nan_row_returns_valid_columns():
+    """A diverged sample (a NaN row) still gets column indices inside the reference set."""
+    d2 = torch.rand(3, 2000)
+    d2[1] = math.nan
+    v, i = memdiff._smallest(d2, 2)
+    assert ((i >= 0) & (i < 2000)).all() and v[1].isnan().all() and not v[[0, 2]].isnan().any()
+
+
 @given(n=REFERENCE_SIZES, b=BATCHES, shape=SHAPES, seed=SEEDS)
 def test_exact_copy_has_distance_exactly_zero(n, b, shape, seed):
     """A sample equal to a reference image has nearest distance exactly 0 and that image's index."""
