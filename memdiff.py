@@ -1262,3 +1262,10 @@ def init_distributed(device_name='auto'):
         device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
         torch.cuda.set_device(device)
     return device, rank, world
+
+def close_distributed():
+    """Leave the torchrun process group, once every rank is done (rank 0 may still be writing)."""
+    # A process that exits with the group still open can abort in gloo's threads at shutdown.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

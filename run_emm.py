@@ -143,7 +143,7 @@ def main(ctx, **opts):
         if opts['dry_run']:
             for value, cfg in configs:
                 dry_run(cfg, opts)
-            return
+            return memdiff.close_distributed()
         log = click.echo if rank == 0 else (lambda *a: None)
         # Each configuration's default folder is named by its hash, so sweeps and single runs share
         # (and resume) the records of identical configurations.
@@ -164,6 +164,7 @@ def main(ctx, **opts):
             records.append((value, record))
         if opts['sweep'] and rank == 0:
             write_sweep(base, factor, records, configs[0][1].threshold)
+        memdiff.close_distributed()
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:

@@ -56,6 +56,7 @@ memdiff.memorization_scores = lambda x, *a: searched.append(len(x)) or scores(x,
 data = torch.load(sys.argv[1])
 out = [memdiff.score(x, data['y']) for x in data['batches']]
 torch.save(dict(out=out, searched=searched), f'{sys.argv[2]}.{rank}')
+memdiff.close_distributed()
 """
 
 @pytest.mark.slow
