@@ -143,7 +143,8 @@ def main(ctx, **opts):
         if opts['dry_run']:
             for value, cfg in configs:
                 dry_run(cfg, opts)
-            return memdiff.close_distributed()
+            memdiff.close_distributed()
+            return
         log = click.echo if rank == 0 else (lambda *a: None)
         # Each configuration's default folder is named by its hash, so sweeps and single runs share
         # (and resume) the records of identical configurations.
