@@ -587,8 +587,15 @@ class OptimalDenoiser:
     """D*(x [B,...], sigma [B] or float, labels [B,C] one-hot or [B] int) -> [B,...] over a training set."""
     def __init__(self, images, labels=None, chunk=4096):
         self.shape = tuple(images.shape[1:])
-        self.y = images.reshape(len(images), -1)            # [N, d], kept in the caller's dtype
-        self.half_sq = torch.linalg.vector_norm(self.y, dim=1).square_() / 2  # [N] ||y_i||^2 / 2
+        y = images.reshape(len(images), -1)                 # [N, d], kept in the caller's dtype
+        N, d = y.shape
+        # Rows [y_i, ||y_i||^2 / 2]: against [x, -1] / sigma^2 one matrix product gives the logits,
+        # where a separate bias and scale would each cost a pass over [B, chunk]. The price is one
+        # copy of the training set.
+        self.y_aug = y.new_empty(N, d + 1)                  # [N, d + 1]
+        self.y_aug[:, :d] = y
+        self.y_aug[:, d] = torch.linalg.vector_norm(y, dim=1).square_() / 2
+        self.y = self.y_aug[:, :d]                          # [N, d], a view of that copy
         self.log_tiny = math.log(torch.finfo(self.y.dtype).tiny)
         self.labels = None if labels is None else labels.to(self.y.device).long()
         self.label_dim = 0 if labels is None else int(self.labels.max()) + 1
@@ -603,6 +610,10 @@ class OptimalDenoiser:
         # while still separating any two distinct distances.
         inv_var = 1 / (sigma ** 2).clamp_min(torch.finfo(self.y.dtype).tiny ** 0.5)
         inv_var = inv_var.expand(B)[:, None]                # [B, 1]
+        d = xf.shape[1]
+        x_aug = xf.new_empty(B, d + 1)                      # [x, -1] / sigma^2
+        torch.mul(xf, inv_var, out=x_aug[:, :d])
+        torch.neg(inv_var, out=x_aug[:, d:])
         c = self._classes(class_labels, B)                  # [B] or None
         m = xf.new_full((B, 1), -math.inf)                  # running max of the logits
         s = xf.new_zeros(B, 1)                              # running sum of exp(logit - m)
@@ -611,9 +622,8 @@ class OptimalDenoiser:
         # ~B x chunk (a fresh one per chunk would briefly hold two).
         buf = xf.new_empty(B * min(self.chunk, len(self.y)))
         for j in range(0, len(self.y), self.chunk):
-            y, hs = self.y[j:j + self.chunk], self.half_sq[j:j + self.chunk]
-            logits = torch.addmm(hs, xf, y.T, beta=-1, out=buf[:B * len(y)].view(B, len(y)))
-            logits.mul_(inv_var)                            # [B, chunk]
+            y, y_aug = self.y[j:j + self.chunk], self.y_aug[j:j + self.chunk]
+            logits = torch.mm(x_aug, y_aug.T, out=buf[:B * len(y)].view(B, len(y)))  # [B, chunk]
             if c is not None:
                 logits.masked_fill_(c[:, None] != self.labels[None, j:j + self.chunk], -math.inf)
             m_new = torch.maximum(m, logits.amax(1, keepdim=True))
@@ -668,12 +678,14 @@ def nearest_neighbors(samples, reference, k=2, chunk=4096):
         raise ValueError(f'need at least k={k} reference images, got {N}')
     ref = reference.reshape(N, -1)                          # [N, d]
     x = samples.reshape(B, ref.shape[1]).to(ref.dtype)      # [B, d], B = 0 too: a rank's share
+    minus_2x = -2 * x                                       # exact: a power of two
     for j in range(0, N, chunk):
         y = ref[j:j + chunk]
         # vector_norm reads y once; y.square().sum(1) would write a [chunk, d] temporary first,
-        # which at d = 3072 costs more than the matrix product itself.
+        # which at d = 3072 costs more than the matrix product itself. The bias is added in place:
+        # addmm would first copy it into every row of the output, a pass more.
         y_sq = torch.linalg.vector_norm(y, dim=1).square_()  # [chunk]
-        d2 = torch.addmm(y_sq, x, y.T, alpha=-2)            # ||x-y||^2 - ||x||^2: same order
+        d2 = torch.mm(minus_2x, y.T).add_(y_sq)             # ||x-y||^2 - ||x||^2: same order
         d2, i = _smallest(d2, min(k, len(y)))                # [B, k] of this chunk
         if j > 0:                                           # merge with the best so far
             d2, i = torch.cat([best_d, d2], 1), torch.cat([best_i, i + j], 1)
@@ -682,7 +694,7 @@ def nearest_neighbors(samples, reference, k=2, chunk=4096):
         best_d, best_i = d2, i
     # Recompute the k winners exactly: the expansion above loses the small distances to rounding,
     # and an exact copy must have distance exactly 0.
-    dist = (x[:, None] - ref[best_i]).norm(dim=2)           # [B, k]
+    dist = torch.linalg.vector_norm(x[:, None] - ref[best_i], dim=2)  # [B, k]
     dist, order = dist.sort(dim=1)
     return dist, best_i.gather(1, order)
 

@@ -48,8 +48,22 @@ def test_chunked_nearest_neighbors_equal_one_matrix_search(n, b, k, chunk, shape
     assert (d[:, 1:] >= d[:, :-1]).all()
 
 
-@given(m=st.integers(1024, 1100), b=BATCHES, k=NEIGHBOURS, levels=st.integers(1, 50),
-       planted=st.lists(st.one_of(st.integers(0, 15), st.integers(0, 1099)), max_size=3),
+@given(n=st.integers(256, 1500), b=BATCHES, k=NEIGHBOURS, chunk=st.integers(256, 1600),
+       near=st.lists(st.integers(0, 63), max_size=3), seed=SEEDS)
+def test_nearest_neighbours_over_large_chunks_match_brute_force(n, b, k, chunk, near, seed):
+    """With chunks long enough for the block-minimum search, the neighbours are still topk's."""
+    y, x = draw(seed, n, 16), 1.5 * draw(seed + 1, b, 16)
+    # Samples close to the last images of the first chunk: the blocks leave those over.
+    last = [min(n, chunk) - 1 - p for p in near]
+    x = torch.cat([x, y[last] + 1e-3 * draw(seed + 2, len(last), 16)])
+    expected_d, expected_i = brute_distances(x, y).topk(k, dim=1, largest=False, sorted=True)
+    d, i = memdiff.nearest_neighbors(x, y, k=k, chunk=chunk)
+    torch.testing.assert_close(d.double(), expected_d, rtol=1e-9, atol=1e-12)
+    assert torch.equal(i, expected_i)
+
+
+@given(m=st.integers(200, 1100), b=BATCHES, k=NEIGHBOURS, levels=st.integers(1, 50),
+       planted=st.lists(st.one_of(st.integers(0, 63), st.integers(0, 1099)), max_size=3),
        seed=SEEDS)
 def test_blockwise_selection_finds_the_k_smallest_entries_ties_included(m, b, k, levels, planted,
                                                                       seed):
@@ -63,6 +77,14 @@ def test_blockwise_selection_finds_the_k_smallest_entries_ties_included(m, b, k,
     assert torch.equal(v.sort(1).values, expected.sort(1).values)
     assert torch.equal(d2.gather(1, i), v)
     assert all(len(set(row)) == k for row in i.tolist())
+
+
+def test_blockwise_selection_of_infinite_entries_returns_distinct_columns():
+    """Rows of +inf (an overflowed distance) still get k distinct columns, the finite ones first."""
+    d2 = torch.full((2, 1000), math.inf)
+    d2[1, 700] = 5.0
+    v, i = memdiff._smallest(d2, 2)
+    assert all(len(set(row)) == 2 for row in i.tolist()) and i[1, 0] == 700 and v[1, 0] == 5
 
 
 def test_blockwise_selection_of_a_nan_row_returns_valid_columns():
