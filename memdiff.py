@@ -587,15 +587,8 @@ class OptimalDenoiser:
     """D*(x [B,...], sigma [B] or float, labels [B,C] one-hot or [B] int) -> [B,...] over a training set."""
     def __init__(self, images, labels=None, chunk=4096):
         self.shape = tuple(images.shape[1:])
-        y = images.reshape(len(images), -1)                 # [N, d], kept in the caller's dtype
-        N, d = y.shape
-        # Rows [y_i, ||y_i||^2 / 2]: against [x, -1] / sigma^2 one matrix product gives the logits,
-        # where a separate bias and scale would each cost a pass over [B, chunk]. The price is one
-        # copy of the training set.
-        self.y_aug = y.new_empty(N, d + 1)                  # [N, d + 1]
-        self.y_aug[:, :d] = y
-        self.y_aug[:, d] = torch.linalg.vector_norm(y, dim=1).square_() / 2
-        self.y = self.y_aug[:, :d]                          # [N, d], a view of that copy
+        self.y = images.reshape(len(images), -1)            # [N, d], kept in the caller's dtype
+        self.half_sq = torch.linalg.vector_norm(self.y, dim=1).square_() / 2  # [N] ||y_i||^2 / 2
         self.log_tiny = math.log(torch.finfo(self.y.dtype).tiny)
         self.labels = None if labels is None else labels.to(self.y.device).long()
         self.label_dim = 0 if labels is None else int(self.labels.max()) + 1
@@ -610,10 +603,6 @@ class OptimalDenoiser:
         # while still separating any two distinct distances.
         inv_var = 1 / (sigma ** 2).clamp_min(torch.finfo(self.y.dtype).tiny ** 0.5)
         inv_var = inv_var.expand(B)[:, None]                # [B, 1]
-        d = xf.shape[1]
-        x_aug = xf.new_empty(B, d + 1)                      # [x, -1] / sigma^2
-        torch.mul(xf, inv_var, out=x_aug[:, :d])
-        torch.neg(inv_var, out=x_aug[:, d:])
         c = self._classes(class_labels, B)                  # [B] or None
         m = xf.new_full((B, 1), -math.inf)                  # running max of the logits
         s = xf.new_zeros(B, 1)                              # running sum of exp(logit - m)
@@ -622,8 +611,10 @@ class OptimalDenoiser:
         # ~B x chunk (a fresh one per chunk would briefly hold two).
         buf = xf.new_empty(B * min(self.chunk, len(self.y)))
         for j in range(0, len(self.y), self.chunk):
-            y, y_aug = self.y[j:j + self.chunk], self.y_aug[j:j + self.chunk]
-            logits = torch.mm(x_aug, y_aug.T, out=buf[:B * len(y)].view(B, len(y)))  # [B, chunk]
+            y, hs = self.y[j:j + self.chunk], self.half_sq[j:j + self.chunk]
+            # The bias and scale go in place: addmm would first copy hs into every row, a pass more.
+            logits = torch.mm(xf, y.T, out=buf[:B * len(y)].view(B, len(y)))
+            logits.sub_(hs).mul_(inv_var)                   # [B, chunk]
             if c is not None:
                 logits.masked_fill_(c[:, None] != self.labels[None, j:j + self.chunk], -math.inf)
             m_new = torch.maximum(m, logits.amax(1, keepdim=True))
