@@ -28,12 +28,15 @@ def best_time(fn, repeat):
         times.append(time.perf_counter() - t)
     return min(times)
 
-def paired(fns, repeat):
+def paired(fns, repeat, seconds=1.0):
     """Interleave the candidates round by round so that load on the machine hits them alike."""
+    start = time.perf_counter()
     for fn in fns:
         fn()
+    # Millisecond calls get more rounds (about `seconds` in all): their minimum of a few is noisy.
+    rounds = max(repeat, int(seconds / max(time.perf_counter() - start, 1e-6)))
     times = [[] for _ in fns]
-    for _ in range(repeat):
+    for _ in range(rounds):
         for t, fn in zip(times, fns):
             start = time.perf_counter()
             fn()
