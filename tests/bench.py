@@ -70,6 +70,27 @@ def bench_optimum(N, d, B, repeat):
             (f'top-2 neighbours (N={N}, d={d}, B={B})', t_nn, t_nn_base, flops / 2 / t_nn / 1e9,
              flops / 2 / t_xy / 1e9)]
 
+def top2_steps(N=1797, d=64, B=512, seconds=2.0):
+    """The steps of memdiff's top-2 search timed one by one: (name, seconds), the product x y^T first."""
+    g = torch.Generator().manual_seed(0)
+    y, x = torch.rand(N, d, generator=g) * 2 - 1, torch.rand(B, d, generator=g) * 2 - 1
+    minus_2x, y_sq = -2 * x, torch.linalg.vector_norm(y, dim=1).square_()
+    d2 = torch.mm(minus_2x, y.T).add_(y_sq)
+    nb = N // 8                                             # the 8 strided blocks of _smallest
+    i, work = memdiff._smallest(d2, 2)[1], d2.clone()       # work: a matrix to add to
+    steps = {'the product x yT (the baseline of the rate)': lambda: x @ y.T,
+             'the whole search (nearest_neighbors)': lambda: memdiff.nearest_neighbors(x, y),
+             '-2x and the norms ||y||^2': lambda: (-2 * x, torch.linalg.vector_norm(y, dim=1).square_()),
+             'the product -2x yT': lambda: torch.mm(minus_2x, y.T),
+             'adding ||y||^2 in place': lambda: work.add_(y_sq),
+             'selecting the 2 smallest (_smallest)': lambda: memdiff._smallest(d2, 2),
+             '  of which the block minima (one amin)':
+                 lambda: d2.as_strided((B, 8, nb), (N, nb, 1)).amin(1),
+             'exact distances of the 2 winners, sorted':
+                 lambda: torch.linalg.vector_norm(x[:, None] - y[i], dim=2).sort(dim=1),
+             'cdist + topk (the baseline of the time)': lambda: top2_one_matrix(x, y)}
+    return list(zip(steps, paired(list(steps.values()), 7, seconds)))
+
 def _status_kib(key):
     """A field of /proc/self/status in KiB (VmRSS, VmHWM)."""
     with open('/proc/self/status') as f:
@@ -171,6 +192,12 @@ def main():
         for name, t, tb, gf, gm in bench_optimum(N, d, B, repeat):
             print(f'| {name} | {t:.4f} | {tb:.4f} | {t / tb:.2f}x | {gf:.1f} | {gm:.1f} | '
                   f'{gf / gm:.2f} |')
+
+    steps = top2_steps()
+    print('\nThe top-2 search at (N=1797, d=64, B=512), step by step:\n\n| step | ms | x the product |'
+          '\n|---|---|---|')
+    for name, t in steps:
+        print(f'| {name} | {t * 1e3:.3f} | {t / steps[0][1]:.2f} |')
 
     B, N, d = 2048, 20000 if not args.quick else 5000, 3072
     matrix = B * N * 4
