@@ -48,7 +48,7 @@ def test_chunked_nearest_neighbors_equal_one_matrix_search(n, b, k, chunk, shape
     assert (d[:, 1:] >= d[:, :-1]).all()
 
 
-@given(n=st.integers(256, 1500), b=BATCHES, k=NEIGHBOURS, chunk=st.integers(256, 1600),
+@given(n=st.integers(1024, 1500), b=BATCHES, k=NEIGHBOURS, chunk=st.integers(1024, 1600),
        near=st.lists(st.integers(0, 63), max_size=3), seed=SEEDS)
 def test_nearest_neighbours_over_large_chunks_match_brute_force(n, b, k, chunk, near, seed):
     """With chunks long enough for the block-minimum search, the neighbours are still topk's."""
@@ -62,7 +62,7 @@ def test_nearest_neighbours_over_large_chunks_match_brute_force(n, b, k, chunk, 
     assert torch.equal(i, expected_i)
 
 
-@given(m=st.integers(200, 1100), b=BATCHES, k=NEIGHBOURS, levels=st.integers(1, 50),
+@given(m=st.integers(1024, 1100), b=BATCHES, k=NEIGHBOURS, levels=st.integers(1, 50),
        planted=st.lists(st.one_of(st.integers(0, 63), st.integers(0, 1099)), max_size=3),
        seed=SEEDS)
 def test_blockwise_selection_finds_the_k_smallest_entries_ties_included(m, b, k, levels, planted,
@@ -81,7 +81,7 @@ def test_blockwise_selection_finds_the_k_smallest_entries_ties_included(m, b, k,
 
 def test_blockwise_selection_of_infinite_entries_returns_distinct_columns():
     """Rows of +inf (an overflowed distance) still get k distinct columns, the finite ones first."""
-    d2 = torch.full((2, 1000), math.inf)
+    d2 = torch.full((2, 2000), math.inf)                  # 2000 columns: the block path
     d2[1, 700] = 5.0
     v, i = memdiff._smallest(d2, 2)
     assert all(len(set(row)) == 2 for row in i.tolist()) and i[1, 0] == 700 and v[1, 0] == 5
