@@ -466,13 +466,29 @@ def vp_sigma_inv(sigma, beta_d=19.9, beta_min=0.1):
 
 class Precond(nn.Module):
     """D(x [B,C,H,W], sigma [B] or float, labels [B,L]) -> denoised [B,C,H,W] (float32), EDM/VP/VE."""
-    def __init__(self, net, kind='edm', sigma_data=0.5, beta_d=19.9, beta_min=0.1, M=1000):
+    def __init__(self, net, kind='edm', sigma_data=0.5, beta_d=19.9, beta_min=0.1, M=1000,
+                 epsilon_t=1e-5, sigma_min=0.02, sigma_max=100):
         super().__init__()
         if kind not in ('edm', 'vp', 've'):
             raise ValueError(f"precond kind must be 'edm', 'vp' or 've', got {kind!r}")
         self.net, self.kind, self.sigma_data = net, kind, sigma_data
-        self.beta_d, self.beta_min, self.M = beta_d, beta_min, M
+        self.beta_d, self.beta_min, self.M, self.epsilon_t = beta_d, beta_min, M, epsilon_t
         self.label_dim = getattr(net, 'label_dim', 0)
+        # The noise levels the network is trained on; the sampler stays inside them.
+        if kind == 'vp':                                    # [sigma(epsilon_t), sigma(1)]
+            sigma_min, sigma_max = (float(vp_sigma(torch.tensor(t, device='cpu'), beta_d, beta_min))
+                                    for t in (epsilon_t, 1.0))
+        elif kind == 'edm':
+            sigma_min, sigma_max = 0.0, math.inf
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    def loss_constants(self):
+        """Keyword arguments of this preconditioning's loss: its sigma_data, beta or sigma range."""
+        if self.kind == 'edm':
+            return dict(sigma_data=self.sigma_data)
+        if self.kind == 'vp':
+            return dict(beta_d=self.beta_d, beta_min=self.beta_min, epsilon_t=self.epsilon_t)
+        return dict(sigma_min=self.sigma_min, sigma_max=self.sigma_max)
 
     def coefficients(self, sigma):
         """(c_skip, c_out, c_in, c_noise) at noise level sigma (tensor)."""
@@ -551,6 +567,10 @@ def edm_sigma_steps(num_steps=18, sigma_min=0.002, sigma_max=80, rho=7):
 def edm_sampler(denoise, latents, class_labels=None, num_steps=18, sigma_min=0.002, sigma_max=80,
                 rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, generator=None):
     """Heun-sample from unit-variance latents [B,...] -> samples [B,...] in the latents' dtype."""
+    # As the study's sampler: the noise levels stay inside the range the denoiser was trained on
+    # (VE: [0.02, 100]), when it declares one.
+    sigma_min = max(sigma_min, getattr(denoise, 'sigma_min', 0))
+    sigma_max = min(sigma_max, getattr(denoise, 'sigma_max', math.inf))
     t_steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho).to(latents.device)
     x_next = latents.to(torch.float64) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
@@ -581,7 +601,9 @@ def edm_sampler(denoise, latents, class_labels=None, num_steps=18, sigma_min=0.0
 # 6. The optimal denoiser [1, eq. 4]: the minimiser of the denoising objective on a finite training
 # set {y_i}, D*(x; sigma) = sum_i softmax_i(-||x - y_i||^2 / 2 sigma^2) y_i. It is evaluated chunk by
 # chunk over the training set with a running log-sum-exp (online softmax), so memory is
-# O(batch x chunk) and never O(batch x N).
+# O(batch x chunk) and never O(batch x N). The class-conditional optimum sums over the images of the
+# sample's class only; a sample whose class has no image (random labels can leave classes empty)
+# gets the unconditional optimum, and measure() counts such samples.
 
 class OptimalDenoiser:
     """D*(x [B,...], sigma [B] or float, labels [B,C] one-hot or [B] int) -> [B,...] over a training set."""
@@ -603,7 +625,7 @@ class OptimalDenoiser:
         # while still separating any two distinct distances.
         inv_var = 1 / (sigma ** 2).clamp_min(torch.finfo(self.y.dtype).tiny ** 0.5)
         inv_var = inv_var.expand(B)[:, None]                # [B, 1]
-        c = self._classes(class_labels, B)                  # [B] or None
+        c = self._classes(class_labels, B)                  # [B] or None; -1: no image
         m = xf.new_full((B, 1), -math.inf)                  # running max of the logits
         s = xf.new_zeros(B, 1)                              # running sum of exp(logit - m)
         acc = xf.new_zeros(B, xf.shape[1])                  # running sum of exp(logit - m) y
@@ -616,7 +638,8 @@ class OptimalDenoiser:
             logits = torch.mm(xf, y.T, out=buf[:B * len(y)].view(B, len(y)))
             logits.sub_(hs).mul_(inv_var)                   # [B, chunk]
             if c is not None:
-                logits.masked_fill_(c[:, None] != self.labels[None, j:j + self.chunk], -math.inf)
+                other = (c[:, None] != self.labels[None, j:j + self.chunk]) & (c[:, None] >= 0)
+                logits.masked_fill_(other, -math.inf)
             m_new = torch.maximum(m, logits.amax(1, keepdim=True))
             m_safe = m_new.masked_fill(m_new == -math.inf, 0)  # rows with no image of their class yet
             # Weights below the smallest normal float are zero to working precision; flushing them
@@ -629,37 +652,38 @@ class OptimalDenoiser:
         return acc.div_(s).reshape(B, *self.shape).to(x.dtype)
 
     def _classes(self, class_labels, B):
-        """Class index per sample [B] from one-hot rows or integers; None for the unconditional optimum."""
+        """Class index per sample [B] (-1 where no training image has it); None when unconditional."""
         if class_labels is None or self.labels is None:
             return None
         c = class_labels.argmax(1) if class_labels.ndim == 2 else class_labels
         c = c.to(self.labels.device).long().expand(B)
-        missing = set(c.unique().tolist()) - set(self.labels.unique().tolist())
-        if missing:
-            raise ValueError(f'no training image has class {sorted(missing)[0]}: the conditional '
-                             'optimum is undefined there')
-        return c
+        return c.masked_fill(self.unseen(c), -1)
+
+    def unseen(self, class_labels):
+        """Mask [B]: the sample's class has no training image (one-hot rows [B, C] or indices [B])."""
+        c = class_labels.argmax(1) if class_labels.ndim == 2 else class_labels
+        return ~torch.isin(c.to(self.labels.device).long(), self.labels)
 
 #----------------------------------------------------------------------------
 # 7. Memorization metric [1, sec. 3]: a sample x is memorized when ||x - NN_1|| < 1/3 ||x - NN_2||,
 # NN_1 and NN_2 its nearest and second-nearest training images (L2 over pixels). The memorization
 # ratio is the fraction of samples memorized; its uncertainty is the Wilson score interval [4].
 
-def _smallest(d2, k, g=8):
-    """The k smallest entries of each row of d2 [B, M] -> (values [B, k], column indices [B, k])."""
-    B, M = d2.shape
+def _smallest(sq, k, g=8):
+    """The k smallest entries of each row of sq [B, M] -> (values [B, k], column indices [B, k])."""
+    B, M = sq.shape
     nb = M // g
-    if nb < 128 or d2.device.type != 'cpu' or d2.stride(1) != 1:  # topk is as fast there
-        return d2.topk(k, dim=1, largest=False)
+    if nb < 128 or sq.device.type != 'cpu' or sq.stride(1) != 1:  # topk is as fast there
+        return sq.topk(k, dim=1, largest=False)
     # On a CPU topk visits the entries one by one, where amin is vectorised. Columns c, c + nb, ...,
     # c + (g-1) nb form block c: the k smallest entries lie in the k blocks with the smallest
     # minima (any other block's minimum is beaten by those k minima), so topk only sees those
     # k*g columns and the M - g*nb left over.
-    blocks = d2.as_strided((B, g, nb), (d2.stride(0), nb, 1))
+    blocks = sq.as_strided((B, g, nb), (sq.stride(0), nb, 1))
     c = blocks.amin(1).topk(k, dim=1, largest=False).indices  # [B, k]
     cols = torch.cat([(c[:, :, None] + nb * torch.arange(g)).reshape(B, k * g),
                       torch.arange(g * nb, M).expand(B, -1)], 1)  # [B, k*g + M - g*nb]
-    v, pos = d2.gather(1, cols).topk(k, dim=1, largest=False)
+    v, pos = sq.gather(1, cols).topk(k, dim=1, largest=False)
     return v, cols.gather(1, pos)
 
 def nearest_neighbors(samples, reference, k=2, chunk=4096):
@@ -676,33 +700,33 @@ def nearest_neighbors(samples, reference, k=2, chunk=4096):
         # which at d = 3072 costs more than the matrix product itself. The bias is added in place:
         # addmm would first copy it into every row of the output, a pass more.
         y_sq = torch.linalg.vector_norm(y, dim=1).square_()  # [chunk]
-        d2 = torch.mm(minus_2x, y.T).add_(y_sq)             # ||x-y||^2 - ||x||^2: same order
-        d2, i = _smallest(d2, min(k, len(y)))                # [B, k] of this chunk
+        sq = torch.mm(minus_2x, y.T).add_(y_sq)             # ||x-y||^2 - ||x||^2: same order
+        sq, i = _smallest(sq, min(k, len(y)))                # [B, k] of this chunk
         if j > 0:                                           # merge with the best so far
-            d2, i = torch.cat([best_d, d2], 1), torch.cat([best_i, i + j], 1)
-            d2, pos = d2.topk(min(k, d2.shape[1]), dim=1, largest=False)
+            sq, i = torch.cat([best_sq, sq], 1), torch.cat([best_i, i + j], 1)
+            sq, pos = sq.topk(min(k, sq.shape[1]), dim=1, largest=False)
             i = i.gather(1, pos)
-        best_d, best_i = d2, i
+        best_sq, best_i = sq, i
     # Recompute the k winners exactly: the expansion above loses the small distances to rounding,
     # and an exact copy must have distance exactly 0.
     dist = torch.linalg.vector_norm(x[:, None] - ref[best_i], dim=2)  # [B, k]
     dist, order = dist.sort(dim=1)
     return dist, best_i.gather(1, order)
 
-def memorization_scores(samples, reference, threshold=1/3, chunk=4096):
-    """Per-sample ratio d1/d2 [B] and memorized mask [B] (ratio < threshold) against a reference set."""
+def memorization_scores(samples, reference, mem_threshold=1/3, chunk=4096):
+    """Per-sample d1/d2 [B] and memorized mask [B] (d1/d2 < mem_threshold) against a reference set."""
     # Exact duplicates in the reference set would give d2 = 0 for a perfect copy of one of them; a
     # duplicated image is one training image, so the reference set is deduplicated first.
     reference = torch.unique(reference.reshape(len(reference), -1), dim=0)
     if len(reference) < 2:
         raise ValueError('the memorization metric needs at least 2 distinct reference images')
     d, _ = nearest_neighbors(samples, reference, k=2, chunk=chunk)
-    ratio = d[:, 0] / d[:, 1]                               # d2 > 0: at most one reference at 0
-    return ratio, ratio < threshold
+    d1_d2 = d[:, 0] / d[:, 1]                               # d2 > 0: at most one reference at 0
+    return d1_d2, d1_d2 < mem_threshold
 
-def memorization_ratio(samples, reference, threshold=1/3, chunk=4096):
+def memorization_ratio(samples, reference, mem_threshold=1/3, chunk=4096):
     """Fraction of samples [B, ...] memorized with respect to the reference set [N, ...]."""
-    return memorization_scores(samples, reference, threshold, chunk)[1].double().mean().item()
+    return memorization_scores(samples, reference, mem_threshold, chunk)[1].double().mean().item()
 
 def wilson_interval(k, n, z=1.96):
     """Wilson score interval (low, high) for k successes in n trials [4]."""
@@ -715,14 +739,18 @@ def wilson_interval(k, n, z=1.96):
 
 #----------------------------------------------------------------------------
 # 8. Training: the loop of EDM's training_loop.py as the study ran it [1, sec. 4; 2, App. F]:
-# Adam (or SGD), linear learning-rate ramp-up, EMA of the weights, snapshots of the EMA network.
-# Durations scale with the training-set size as in the study, so they are given in epochs (passes
-# over |D|) or, for fixed-budget experiments, in optimizer steps. Under torchrun the global batch
-# is split across the ranks and DDP averages the gradients: same batch, same learning rate.
+# Adam (or SGD), a linear learning-rate ramp-up, an EMA of the weights, snapshots of the EMA network.
+# Durations scale with |D| as in the study, so they are given in epochs (passes over |D|) or, for
+# fixed-budget experiments, in optimizer steps. Under torchrun the global batch is split across
+# the ranks and DDP averages the gradients: the same batch and learning rate as one process.
+
+# The study's reference sizes: its EMA modes are written for CIFAR-10's 50,000 images and its batch
+# of 512, and 500k images is its EMA half-life after ramp-up (0.5 Mimg).
+REF_IMAGES, REF_BATCH, REF_HALFLIFE = 50_000, 512, 500_000
 
 @dataclass
 class TrainConfig:
-    """How one network is trained; defaults are the CPU digits setting (SPEC §7)."""
+    """How one network is trained; the defaults are the CPU digits setting (README, Defaults)."""
     precond: str = 'edm'            # 'edm' | 'vp' | 've' (the study's CIFAR-10 runs use 'vp')
     optimizer: str = 'adam'         # 'adam' | 'sgd' (momentum 0.9)
     lr: float = 1e-3
@@ -731,11 +759,13 @@ class TrainConfig:
     steps: int = 1500               # duration in optimizer steps, unless epochs is set
     epochs: float = None            # duration in passes over |D| (the study: 40,000)
     lr_rampup_epochs: float = 0.0   # linear warm-up (the study: 200 epochs = |D|/5 kimg)
-    ema_halflife_epochs: float = 10.0  # EMA half-life (the study: 10 epochs = 0.5 |D|/50 kimg)
-    ema_rampup: float = 0.05        # EDM: half-life at most this fraction of the images seen so far
-    ema_beta: float = None          # fixed per-step EMA decay instead of a half-life
+    ema_mode: str = 'mode1'         # the study's EMA modes (ema_beta below); 'fixed': beta = ema_beta
+    ema_halflife_epochs: float = 10.0  # EMA half-life h (the study: 10 epochs = 0.5 Mimg at 50k)
+    ema_rampup: float = 0.05        # EDM: h is at most this fraction of the images seen so far
+    ema_beta: float = 0.99929       # mode4's final beta, or the constant beta of 'fixed'
+    whole_kimg: bool = False        # round ramp-up and half-life down to whole kimg, as train.py did
     snapshots: int = 3              # evenly spaced snapshots of the EMA network (the last at the end)
-    snapshot_images: int = None     # or one every so many images (the study: 2.5M)
+    snapshot_images: int = None     # or one every so many images, counted in EDM's 50k-image ticks
     amp: bool = False               # bf16 autocast for the network (the study ran fp32)
 
     def total_steps(self, n):
@@ -748,10 +778,43 @@ class TrainConfig:
         """Steps (ascending, the last one final) at which the EMA network is evaluated."""
         total = self.total_steps(n)
         if self.snapshot_images:
-            every = math.ceil(self.snapshot_images / self.batch)
-            return sorted(set(range(every, total, every)) | {total})
+            # EDM's ticks: tick 0 ends after the first step, every later one once 50k more images
+            # are seen; the study snapshots every 50 ticks (2.5M images) and at the end, and never
+            # scores tick 0's snapshot.
+            tick = min(REF_IMAGES, self.snapshot_images)
+            every = max(1, round(self.snapshot_images / tick)) * math.ceil(tick / self.batch)
+            return sorted(set(range(1 + every, total, every)) | {total})
         S = min(self.snapshots, total)
         return sorted({round(total * k / S) for k in range(1, S + 1)})
+
+    def _images(self, epochs, n):
+        """A duration of epochs over n images, in images (whole kimg when the study rounded)."""
+        return 1000 * int(epochs * n / 1000) if self.whole_kimg else epochs * n
+
+    def lr_at(self, nimg, n):
+        """Learning rate of the step taken after nimg images: lr min(nimg / ramp-up, 1) [2, App. F]."""
+        ramp = self._images(self.lr_rampup_epochs, n)
+        return self.lr * min(nimg / max(ramp, 1e-8), 1)
+
+    def ema_beta_at(self, nimg, n):
+        """EMA decay beta after the step taken at nimg images (ema = beta ema + (1 - beta) net)."""
+        h = self._images(self.ema_halflife_epochs, n)       # half-life in images
+        if self.ema_rampup:
+            h = min(h, nimg * self.ema_rampup)
+        h = max(h, 1e-8)                                    # h = 0 (the first step): beta = 0
+        data_ratio = REF_IMAGES / n
+        if self.ema_mode == 'mode1':                        # the half-life as given
+            return 0.5 ** (self.batch / h)
+        if self.ema_mode == 'mode2':                        # the study's default: after ramp-up
+            return 0.5 ** (REF_BATCH / (h * data_ratio))    # 0.5^(512/500k) whatever |D|, batch
+        if self.ema_mode == 'mode3':                        # no schedule
+            return 0.5 ** (self.batch / REF_HALFLIFE)
+        if self.ema_mode == 'mode4':                        # mode2's schedule, ending at ema_beta
+            return self.ema_beta / 0.5 ** (self.batch / REF_HALFLIFE) \
+                * 0.5 ** (self.batch / (h * data_ratio))
+        if self.ema_mode == 'fixed':
+            return self.ema_beta
+        raise ValueError(f"ema_mode must be mode1..mode4 or 'fixed', got {self.ema_mode!r}")
 
 def dist_info():
     """(rank, world_size) of this process; (0, 1) outside torchrun."""
@@ -759,14 +822,14 @@ def dist_info():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
 
-def _atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: an interrupted write never leaves half a file."""
-    tmp = f'{path}.tmp'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def data_order(n, seed):
+    """The study's data order (window size 0): one seeded permutation of range(n) [n], repeated."""
+    # EDM's InfiniteSampler shuffles with numpy's RandomState(seed); the same call gives the same
+    # order, so a run with the study's seed sees its images in the study's order.
+    return torch.from_numpy(np.random.RandomState(seed).permutation(n))
 
 def train(precond, images, labels=None, cfg=TrainConfig(), seed=0, checkpoint=None, progress=None):
-    """Train precond on images [n,C,H,W] (one-hot labels [n,L]); yield (step, EMA copy) at each snapshot.
+    """Train precond on images [n,C,H,W] (class indices [n]); yield (step, EMA copy) at each snapshot.
 
     With `checkpoint` (a path), the full state is saved at every snapshot and a rerun resumes from it.
     """
@@ -778,24 +841,23 @@ def train(precond, images, labels=None, cfg=TrainConfig(), seed=0, checkpoint=No
     total, snaps = cfg.total_steps(n), cfg.snapshot_steps(n)
     ema = copy.deepcopy(precond).eval().requires_grad_(False)
     params = [p for p in precond.parameters() if p.requires_grad]
+    # The fused kernels do the update of every tensor in one pass: 5x faster than a loop on a CPU.
     if cfg.optimizer == 'adam':
         opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
-                               weight_decay=cfg.weight_decay)
+                               weight_decay=cfg.weight_decay, fused=True)
     elif cfg.optimizer == 'sgd':
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay,
+                              fused=True)
     else:
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {cfg.optimizer!r}")
-    # Batch indices are drawn identically on every rank (each then takes its slice of the global
-    # batch); the noise of the loss is drawn per rank.
-    g_data = torch.Generator().manual_seed(seed)
+    order = data_order(n, seed).to(device)
     g_noise = torch.Generator(device=device).manual_seed(seed * 1000 + 1 + rank)
     step = 0
     if checkpoint is not None and os.path.exists(checkpoint):
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
         precond.load_state_dict(state['net'])
         ema.load_state_dict(state['ema'])
         opt.load_state_dict(state['opt'])
-        g_data.set_state(state['g_data'])
         rng = state['rng'][rank] if rank < len(state['rng']) else state['rng'][0]
         g_noise.set_state(rng['noise'])
         torch.set_rng_state(rng['torch'])
@@ -807,43 +869,40 @@ def train(precond, images, labels=None, cfg=TrainConfig(), seed=0, checkpoint=No
         model = torch.nn.parallel.DistributedDataParallel(
             precond, device_ids=[device.index] if device.type == 'cuda' else None)
     loss_fn = LOSSES[precond.kind]
-    per_rank = cfg.batch // world
+    ema_params, net_params = list(ema.parameters()), list(precond.parameters())
+    bad = torch.full((), -1, device=device)             # first step with a non-finite loss
     precond.train()
     while step < total:
-        # Learning-rate ramp-up: linear in images seen [2, App. F].
-        nimg = step * cfg.batch
-        ramp = cfg.lr_rampup_epochs * n
+        nimg = step * cfg.batch                             # images seen before this step
         for group in opt.param_groups:
-            group['lr'] = cfg.lr * min(nimg / ramp, 1) if ramp > 0 else cfg.lr
+            group['lr'] = cfg.lr_at(nimg, n)
 
-        # One step on the global batch (with replacement: a set smaller than the batch is fine).
-        idx = torch.randint(n, (cfg.batch,), generator=g_data)[rank * per_rank:(rank + 1) * per_rank]
-        y, c = images[idx.to(device)], None if labels is None else labels[idx.to(device)]
+        # The global batch is the next `batch` entries of the repeated permutation, so every image
+        # is seen once per epoch; rank r takes entries r, r + world, ... as EDM's sampler deals them.
+        idx = order[(nimg + torch.arange(rank, cfg.batch, world, device=device)) % n]
+        y, c = images[idx], None if labels is None else labels[idx]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-            loss = loss_fn(model, y, c, generator=g_noise).mean()
+            loss = loss_fn(model, y, c, generator=g_noise, **precond.loss_constants()).mean()
+        # Checked at the snapshots only: reading it every step would stall a GPU's queue.
+        bad = torch.where((bad < 0) & ~loss.detach().isfinite(), step + 1, bad)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        for p in params:                                    # as EDM: a NaN gradient is skipped
+        for p in params:                                    # as EDM: nan -> 0, +-inf -> +-1e5
             if p.grad is not None:
                 torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
         opt.step()
-        step += 1
 
-        # EMA: beta = 0.5^(batch / half-life in images), the half-life ramped up early on.
-        if cfg.ema_beta is not None:
-            beta = cfg.ema_beta
-        else:
-            half = cfg.ema_halflife_epochs * n
-            if cfg.ema_rampup:
-                half = min(half, step * cfg.batch * cfg.ema_rampup)
-            beta = 0.5 ** (cfg.batch / max(half, 1e-8))
+        # EMA: ema = beta ema + (1 - beta) net, one fused pass over every tensor.
         with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), precond.parameters()):
-                p_ema.lerp_(p.detach(), 1 - beta)
+            torch._foreach_lerp_(ema_params, net_params, 1 - cfg.ema_beta_at(nimg, n))
+        step += 1
         if progress is not None:
             progress('train', step, total)
 
         if step in snaps:
+            if bad >= 0:
+                raise ValueError(f'training diverged: the loss is NaN or infinite at step '
+                                 f'{int(bad)} of {total} (|D| = {n}); lower the learning rate')
             yield step, ema
             # Saved once the caller has scored this snapshot, so an interruption while sampling
             # repeats that snapshot instead of skipping it. Every random stream is saved (dropout
@@ -853,9 +912,10 @@ def train(precond, images, labels=None, cfg=TrainConfig(), seed=0, checkpoint=No
                                           cuda=torch.cuda.get_rng_state(device)
                                           if device.type == 'cuda' else None))
                 if rank == 0:
-                    _atomic_save(dict(net=precond.state_dict(), ema=ema.state_dict(),
-                                      opt=opt.state_dict(), g_data=g_data.get_state(), rng=rng,
-                                      step=step), checkpoint)
+                    tmp = f'{checkpoint}.tmp'               # write, then rename: never half a file
+                    torch.save(dict(net=precond.state_dict(), ema=ema.state_dict(),
+                                    opt=opt.state_dict(), rng=rng, step=step), tmp)
+                    os.replace(tmp, checkpoint)
     precond.eval()
 
 def _gather_states(state):
@@ -870,15 +930,16 @@ def _gather_states(state):
 
 #----------------------------------------------------------------------------
 # 9. Measurement and EMM search [1, sec. 3, eq. 5]. The memorization ratio of one training-set size:
-# train, and at each snapshot sample with the EMA network, round to the 8-bit grid as the study
-# wrote its samples, and score them against the training set; the size's ratio is the highest over
-# its snapshots. EMM_eps = max{ |D| : ratio >= 1 - eps }, searched by doubling then bisection.
+# train, and at each snapshot sample with the EMA network from the study's seeds, round to the 8-bit
+# grid as the study wrote its samples, and score them against the training set; the size's ratio is
+# the highest over its snapshots. EMM_eps = max{ |D| : ratio >= 1 - eps }, searched by doubling and
+# bisection.
 
 @dataclass
 class EMMConfig:
     """Everything that defines one EMM measurement; the defaults estimate EMM on digits in minutes."""
     data: str = 'digits'
-    resolution: int = None          # down-sample to this resolution by area averaging
+    resolution: int = None          # down-sample to this resolution (Pillow's LANCZOS, as the study)
     classes: int = None             # keep the first C classes
     labels: str = 'none'            # 'none' | 'true' | 'random:C' | 'unique'
     arch: str = 'ddpmpp'
@@ -890,12 +951,12 @@ class EMMConfig:
     embedding: str = None
     dropout: float = 0.0
     train: TrainConfig = field(default_factory=TrainConfig)
-    samples: int = 1000             # generated samples per snapshot (the study: 10k)
+    samples: int = 1000             # generated samples per snapshot, seeds 0..samples-1 (the study: 10k)
     num_steps: int = 18             # Heun steps: 35 network evaluations
-    threshold: float = 0.9          # 1 - eps, eps = 0.1
-    mem_threshold: float = 1 / 3    # d1/d2 below this: memorized
+    threshold: float = 0.9          # 1 - eps, eps = 0.1: the EMM's memorization ratio
+    mem_threshold: float = 1 / 3    # d1/d2 below this: a sample is memorized
     optimum: bool = False           # score the closed-form optimum instead of a trained network
-    seed: int = 0
+    seed: int = 0                   # training: initial weights, data order, noise
 
     def to_dict(self):
         return json.loads(json.dumps(asdict(self)))        # tuples -> lists, as read back from JSON
@@ -910,17 +971,29 @@ def build_network(cfg, shape, label_dim):
     return Precond(net, kind=cfg.train.precond)
 
 def training_set(images, labels, n, cfg):
-    """The nested subset of size n and its class labels -> (y [n,C,H,W], labels [n] or None, label_dim)."""
-    idx = balanced_subset(labels if labels is not None else len(images), n, seed=cfg.seed)
-    c, label_dim = assign_labels(None if labels is None else labels[idx], cfg.labels,
-                                 seed=cfg.seed, n=n)
+    """The study's training set of size n -> (y [n,C,H,W] class-sorted, labels [n] or None, label_dim)."""
+    idx = balanced_subset(labels if labels is not None else len(images), n)
+    c, label_dim = assign_labels(None if labels is None else labels[idx], cfg.labels, n=n)
     return images[idx], c, label_dim
 
+def study_latents(seeds, shape, label_dim, device):
+    """Latents [B, C, H, W] and class indices [B] (or None) of the study's sample seeds."""
+    # As the study's generator: one generator per seed, on the sampling device, draws the latent
+    # and then, for a conditional network, the class. The same seeds give the same samples.
+    z, c = [], []
+    for s in seeds:
+        g = torch.Generator(device).manual_seed(int(s) % (1 << 32))
+        z.append(torch.randn(shape, generator=g, device=device))
+        if label_dim:
+            c.append(torch.randint(label_dim, size=[], generator=g, device=device))
+    z = torch.stack(z) if z else torch.zeros(0, *shape, device=device)
+    return z, (torch.stack(c) if c else z.new_zeros(0, dtype=torch.long)) if label_dim else None
+
 @torch.no_grad()
-def generate(denoise, num, shape, label_dim, seed, device, num_steps=18, batch=1000, progress=None):
-    """num samples [num,C,H,W] in [-1,1] from the Heun sampler; rank r draws every world-th one."""
+def generate(denoise, num, shape, label_dim, device, num_steps=18, batch=1000, progress=None):
+    """Samples [num,C,H,W] of seeds 0..num-1 and their classes [num] (or None); ranks split each batch."""
     rank, world = dist_info()
-    out = []
+    xs, cs = [], []
     if progress is not None:                                # count network evaluations for a bar
         total, calls, inner = math.ceil(num / batch) * (2 * num_steps - 1), [0], denoise
 
@@ -929,18 +1002,13 @@ def generate(denoise, num, shape, label_dim, seed, device, num_steps=18, batch=1
             progress('sample', calls[0], total)
             return inner(x, sigma, labels)
     for start in range(0, num, batch):
-        ids = list(range(start, min(start + batch, num)))[rank::world]
-        # Each sample's latent (and label) depends only on its index: the same set for any world size.
-        z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 7919 + i))
-                         for i in ids]) if ids else torch.zeros(0, *shape)
-        c = None
-        if label_dim:
-            k = [torch.randint(label_dim, (1,), generator=torch.Generator().manual_seed(
-                 seed * 7919 + i + 10 ** 9)).item() for i in ids]
-            c = one_hot(torch.tensor(k, dtype=torch.long), label_dim).to(device)
-        x = edm_sampler(denoise, z.to(device), c, num_steps=num_steps) if ids else z.to(device)
-        out.append(_gather_rows(x.to(torch.float32), min(batch, num - start)))
-    return torch.cat(out)
+        seeds = list(range(start, min(start + batch, num)))
+        z, c = study_latents(seeds[rank::world], shape, label_dim, device)
+        x = edm_sampler(denoise, z, c, num_steps=num_steps) if len(z) else z
+        xs.append(_gather_rows(x.to(torch.float32), len(seeds)))
+        if c is not None:
+            cs.append(_gather_rows(c, len(seeds)))
+    return torch.cat(xs), (torch.cat(cs) if label_dim else None)
 
 def _gather_rows(x, total):
     """Re-interleave rows drawn as [rank::world] on each rank into their original order [total, ...]."""
@@ -954,69 +1022,68 @@ def _gather_rows(x, total):
     return torch.stack(parts, 1).reshape(-1, *x.shape[1:])[:total]
 
 def score(samples, y, mem_threshold=1/3):
-    """Memorization of samples [B,...] against the training set y: ratio, Wilson CI, d1/d2 [B]."""
+    """Memorization of samples [B,...] against the training set y -> (dict(ratio, ci), d1/d2 [B])."""
     B = len(samples)
     if B == 0:
         raise ValueError('score needs at least one sample')
+    if not torch.isfinite(samples).all():
+        raise ValueError(f'{int((~torch.isfinite(samples.flatten(1))).any(1).sum())} of {B} '
+                         'samples are NaN or infinite')
     # Under torchrun each rank searches the nearest neighbours of its rows [rank::world] only; the
-    # gathered ratios are the same on every rank, so every rank reaches the same next size.
+    # gathered d1/d2 are the same on every rank, so every rank reaches the same next size.
     rank, world = dist_info()
-    ratios = memorization_scores(quantize_uint8(samples[rank::world]), y, mem_threshold)[0]
-    ratios = _gather_rows(ratios, B)
-    k = int((ratios < mem_threshold).sum())
-    return dict(ratio=k / B, ci=list(wilson_interval(k, B))), ratios
+    d1_d2 = memorization_scores(quantize_uint8(samples[rank::world]), y, mem_threshold)[0]
+    d1_d2 = _gather_rows(d1_d2, B)
+    k = int((d1_d2 < mem_threshold).sum())
+    return dict(ratio=k / B, ci=list(wilson_interval(k, B))), d1_d2
 
-def measure(images, labels, n, cfg, device=torch.device('cpu'), workdir=None, progress=None):
-    """Memorization of a training set of size n -> (point dict, best samples [B,C,H,W], training set)."""
+def best_point(n, snapshots):
+    """A size's point: the snapshot with the highest ratio (the study keeps the highest)."""
+    best = max(snapshots, key=lambda s: s['ratio'])
+    return dict(size=n, ratio=best['ratio'], ci=best['ci'], best_step=best['step'],
+                snapshots=snapshots)
+
+def measure(images, labels, n, cfg, device=torch.device('cpu'), checkpoint=None, done=(),
+            on_snapshot=None, progress=None):
+    """Memorization of the training set of size n -> point dict (every snapshot, the best one's ratio).
+
+    `done` holds snapshots already scored (a resumed size; `checkpoint` is train's state file);
+    on_snapshot(snapshot, samples [B,C,H,W], y [n,C,H,W]) is called after each new one.
+    """
     y, c, label_dim = training_set(images, labels, n, cfg)
-    y = y.to(device)
+    y, c = y.to(device), None if c is None else c.to(device)
     shape = tuple(y.shape[1:])
-    rank = dist_info()[0]
-    # Resume: finished snapshots (and the best samples so far) live beside the training state.
-    paths = {k: Path(workdir) / f'n{n}.{k}' for k in ('state.pt', 'snapshots.json', 'best.pt')
-             } if workdir is not None else {}
-    snapshots = json.loads(paths['snapshots.json'].read_text()) if paths and \
-        paths['snapshots.json'].exists() else []
-    best_x = torch.load(paths['best.pt']) if paths and paths['best.pt'].exists() else None
+    snapshots = list(done)
 
     def evaluate(denoise, step):
-        nonlocal best_x
-        x = generate(denoise, cfg.samples, shape, label_dim, cfg.seed, device, cfg.num_steps,
-                     progress=progress)
-        s, _ = score(x, y, cfg.mem_threshold)
-        if best_x is None or s['ratio'] > max(p['ratio'] for p in snapshots):
-            best_x = x.cpu()
-            if paths and rank == 0:
-                _atomic_save(best_x, paths['best.pt'])
-        snapshots.append(dict(step=step, **s))
-        if paths and rank == 0:
-            atomic_write_text(paths['snapshots.json'], json.dumps(snapshots))
+        x, cx = generate(denoise, cfg.samples, shape, label_dim, device, cfg.num_steps,
+                         progress=progress)
+        try:
+            s, _ = score(x, y, cfg.mem_threshold)
+        except ValueError as e:
+            raise ValueError(f'sampling diverged at step {step} (|D| = {n}): {e}') from None
+        s = dict(step=step, **s)
+        if cfg.optimum and c is not None:                   # samples of a class with no image
+            s['unconditional'] = int(denoise.unseen(cx).sum())
+        snapshots.append(s)
+        if on_snapshot is not None:
+            on_snapshot(s, x, y)
 
     if cfg.optimum:
         if not snapshots:
-            evaluate(OptimalDenoiser(y.double(), None if c is None else c.to(device)), 0)
+            evaluate(OptimalDenoiser(y.double(), c), 0)
     else:
         # Initial weights and dropout masks come from torch's global generator: seed it, inside a
         # fork so that the caller's random state is left as it was.
         with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
             torch.manual_seed(cfg.seed)
             precond = build_network(cfg, shape, label_dim).to(device)
-            c1h = one_hot(c, label_dim).to(device) if c is not None else None
-            done = {s['step'] for s in snapshots}
-            for step, ema in train(precond, y, c1h, cfg.train, seed=cfg.seed,
-                                   checkpoint=paths.get('state.pt'), progress=progress):
-                if step not in done:
+            seen = {s['step'] for s in snapshots}
+            for step, ema in train(precond, y, c, cfg.train, seed=cfg.seed, checkpoint=checkpoint,
+                                   progress=progress):
+                if step not in seen:
                     evaluate(ema, step)
-    best = max(snapshots, key=lambda s: s['ratio'])        # the study keeps the highest ratio
-    point = dict(size=n, ratio=best['ratio'], ci=best['ci'], best_step=best['step'],
-                 snapshots=snapshots)
-    return point, best_x, y.cpu()
-
-def atomic_write_text(path, text):
-    """Write a text file via a temporary file and a rename: readers never see half of it."""
-    tmp = Path(f'{path}.tmp')
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    return best_point(n, snapshots)
 
 def find_emm(ratio_at, lo, hi, threshold=0.9, step=1, tolerance=0.0, known=None):
     """Largest size in [lo, hi] (multiples of step) with ratio_at(n) >= threshold: double, then bisect.
@@ -1083,192 +1150,3 @@ def summarize(points, threshold=0.9):
         return dict(emm=emm, crossing=None)
     rp, (nf, rf) = dict(pts)[emm], above[0]
     return dict(emm=emm, crossing=emm + (rp - threshold) / (rp - rf) * (nf - emm))
-
-def versions():
-    """Versions of the software a record was made with."""
-    import platform
-    return dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__)
-
-def image_grid(samples, reference, indices, columns=8, scale=None):
-    """uint8 [H', W', C] grid: each generated sample beside its nearest training image."""
-    pairs = torch.stack([samples, reference[indices]], 1)  # [B, 2, C, H, W]
-    B, _, C, H, W = pairs.shape
-    scale = scale or max(1, 64 // H)                        # tiny images are enlarged to be seen
-    rows = math.ceil(B / columns)
-    pairs = torch.cat([pairs, -torch.ones(rows * columns - B, 2, C, H, W)])
-    pad = F.pad(to_uint8(pairs).float(), (1, 1, 1, 1), value=255)  # white frame around each image
-    grid = pad.reshape(rows, columns, 2, C, H + 2, W + 2).permute(0, 4, 1, 2, 5, 3)
-    grid = grid.reshape(rows * (H + 2), columns * 2 * (W + 2), C)
-    return grid.repeat_interleave(scale, 0).repeat_interleave(scale, 1).to(torch.uint8)
-
-def write_png(path, image):
-    """Write a uint8 [H, W, C] image (C = 1 or 3) as PNG with the standard library alone."""
-    import struct
-    import zlib
-    H, W, C = image.shape
-    raw = b''.join(b'\x00' + bytes(row) for row in image.reshape(H, W * C).numpy())
-
-    def chunk(tag, data):
-        return (struct.pack('>I', len(data)) + tag + data
-                + struct.pack('>I', zlib.crc32(tag + data) & 0xffffffff))
-    png = (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', W, H, 8, {1: 0, 3: 2}[C],
-                                                             0, 0, 0))
-           + chunk(b'IDAT', zlib.compress(raw, 9)) + chunk(b'IEND', b''))
-    tmp = Path(f'{path}.tmp')
-    tmp.write_bytes(png)
-    os.replace(tmp, path)
-
-def read_record(outdir, config):
-    """Points already measured in outdir/results.json for this configuration (a clear error otherwise)."""
-    path = Path(outdir) / 'results.json'
-    if not path.exists():
-        return []
-    try:
-        record = json.loads(path.read_text())
-        saved = record['config']
-        points = record['points']
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f'{path}: not a readable memdiff record ({e}); move it away or choose '
-                         'another output folder') from None
-    if saved != config:
-        diff = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
-        raise ValueError(f'{path}: holds a run with a different configuration (differs in: '
-                         f'{", ".join(diff)}); choose another output folder')
-    return points
-
-def write_record(outdir, config, points, threshold, extra=None):
-    """results.json (atomically) and results.csv, sizes ascending."""
-    points = sorted(points, key=lambda p: p['size'])
-    record = dict(**summarize(points, threshold), threshold=threshold, points=points, config=config,
-                  versions=versions(), world_size=dist_info()[1], **(extra or {}))
-    atomic_write_text(Path(outdir) / 'results.json', json.dumps(record, indent=1))
-    lines = ['size,ratio,ci_low,ci_high,best_step,snapshot_steps,snapshot_ratios']
-    for p in points:
-        steps = ' '.join(str(s['step']) for s in p['snapshots'])
-        ratios = ' '.join(f"{s['ratio']:.4f}" for s in p['snapshots'])
-        lines.append(f"{p['size']},{p['ratio']:.4f},{p['ci'][0]:.4f},{p['ci'][1]:.4f},"
-                     f"{p['best_step']},{steps},{ratios}")
-    atomic_write_text(Path(outdir) / 'results.csv', '\n'.join(lines) + '\n')
-    return record
-
-def emm_search(cfg, outdir, sizes=None, lo=16, hi=None, step=1, tolerance=0.0,
-               device=torch.device('cpu'), progress=None, log=print):
-    """Measure the sizes (or search [lo, hi]) and write the record to outdir; resumes from outdir."""
-    images, labels = load_dataset(cfg.data, cfg.resolution, cfg.classes)
-    hi = len(images) if hi is None else hi
-    for n in list(sizes or []) + [lo, hi]:
-        if not 1 <= n <= len(images):
-            raise ValueError(f'size {n} is impossible: the data set {cfg.data} has {len(images)} '
-                             'images')
-    if not sizes and lo > hi:
-        raise ValueError(f'the smallest size searched ({lo}) is above the largest ({hi})')
-    if not cfg.optimum:                                     # an impossible network fails here
-        build_network(cfg, tuple(images.shape[1:]), 0 if cfg.labels == 'none' else 2)
-    config = cfg.to_dict()
-    rank, world = dist_info()
-    outdir = Path(outdir)
-    points = read_record(outdir, config)                    # before anything is written
-    work = outdir / 'work'
-    if rank == 0:
-        work.mkdir(parents=True, exist_ok=True)
-    with _claim(outdir, rank == 0):
-        if rank == 0 and not points:                        # the configuration, before any work
-            write_record(outdir, config, points, cfg.threshold)
-        if world > 1:
-            torch.distributed.barrier()
-        if points:
-            log(f'resuming: {len(points)} size(s) already measured in {outdir / "results.json"}')
-        known = {p['size']: p['ratio'] for p in points}
-
-        def ratio_at(n):
-            log(f'|D| = {n}: ' + ('sampling the closed-form optimum' if cfg.optimum else
-                                  f'training {cfg.train.total_steps(n)} steps'))
-            point, x, y = measure(images, labels, n, cfg, device, work, progress)
-            points.append(point)
-            if rank == 0:
-                write_record(outdir, config, points, cfg.threshold)
-                x = quantize_uint8(x[:64])
-                _, idx = nearest_neighbors(x, y, k=1)
-                write_png(outdir / f'samples_n{n}.png', image_grid(x, y, idx[:, 0]))
-                (work / f'n{n}.state.pt').unlink(missing_ok=True)  # the record holds the result
-            log(f'|D| = {n}: memorization ratio {point["ratio"]:.3f} (95% CI {point["ci"][0]:.3f}'
-                f'-{point["ci"][1]:.3f}, best step {point["best_step"]})')
-            return point['ratio']
-
-        if sizes:
-            for n in sizes:
-                if n not in known:
-                    known[n] = ratio_at(n)
-            status = 'grid'
-        else:
-            status = find_emm(ratio_at, lo, hi, cfg.threshold, step, tolerance, known)['status']
-        # Rewritten at the end too, so a resumed run with nothing left to do still has it whole.
-        if rank == 0:
-            return write_record(outdir, config, points, cfg.threshold, dict(search=status))
-        return dict(**summarize(points, cfg.threshold), points=points, search=status)
-
-def _alive(pid):
-    """Whether process pid exists (signal 0 checks without sending anything)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:                                 # alive, but another user's
-        return True
-    return True
-
-@contextlib.contextmanager
-def _claim(outdir, owner=True):
-    """Hold outdir/lock while a search writes there: two searches on one record would lose work."""
-    path = Path(outdir) / 'lock'
-    while owner:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
-            break
-        except FileExistsError:
-            try:
-                pid = int(path.read_text() or 0)
-            except (ValueError, FileNotFoundError):
-                pid = 0
-            if pid <= 0 or not _alive(pid):
-                path.unlink(missing_ok=True)                # the stale lock of a killed run
-                continue
-            raise ValueError(f'{outdir}: in use by another run (process {pid}); wait for it or '
-                             'choose another output folder') from None
-    try:
-        yield
-    finally:
-        if owner:
-            path.unlink(missing_ok=True)
-
-def init_distributed(device_name='auto'):
-    """Join the torchrun process group when launched by torchrun -> (device, rank, world_size)."""
-    if device_name == 'auto':
-        device_name = 'cuda' if torch.cuda.is_available() else 'cpu'
-    world = int(os.environ.get('WORLD_SIZE', '1'))
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = 'nccl' if device_name.startswith('cuda') else 'gloo'
-        torch.distributed.init_process_group(backend)
-    rank, world = dist_info()
-    try:
-        device = torch.device(device_name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {device_name!r} (use 'cpu', 'cuda', 'cuda:N' or "
-                         "'auto')") from None
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise ValueError(f'device {device_name!r} asked for, but this machine has no CUDA GPU')
-    if device.type not in ('cpu', 'cuda'):
-        raise ValueError(f"device {device_name!r} is not supported (use 'cpu' or 'cuda')")
-    if device.type == 'cuda' and device.index is None:
-        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
-        torch.cuda.set_device(device)
-    return device, rank, world
-
-def close_distributed():
-    """Leave the torchrun process group, once every rank is done (rank 0 may still be writing)."""
-    # A process that exits with the group still open can abort in gloo's threads at shutdown.
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()

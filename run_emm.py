@@ -1,33 +1,288 @@
-"""Estimate the effective model memorization (EMM) of a diffusion model: python run_emm.py --help."""
+"""Estimate the effective model memorization (EMM) of a diffusion model: python run_emm.py --help.
 
+memdiff.py holds the science; this file is the run around it: options and the study's preset, the
+search ledger and its resume, the records (results.json, results.csv), the lock on an output
+folder, the PNG grids and plots, sweeps, and the torchrun process group.
+"""
+
+import contextlib
 import functools
 import hashlib
 import json
+import os
+import platform
 import sys
 from pathlib import Path
 
 import click
+import numpy as np
 import torch
 
 import memdiff
 
-# The study's CIFAR-10 configuration [Gu et al., sec. 3; SPEC §3]: DDPM++ with VP preconditioning,
-# durations in epochs of |D| (ramp-up |D|/5 kimg = 200 epochs, EMA half-life 0.5|D|/50 kimg = 10
-# epochs, 2000 Mimg-at-50k = 40,000 epochs), a snapshot every 2.5M images, 10k samples each.
+# The study's CIFAR-10 run [Gu et al., sec. 3; sail-sg/DiffMemorize scripts/*.md]: DDPM++ with VP,
+# 128 channels, dropout 0.13, Adam at 2e-4, batch 512, seed 1024, 40,000 epochs (2,000 Mimg at
+# 50k), ramp-up 200 epochs (|D|/5 kimg), EMA mode2 with a half-life of 10 epochs (0.5 Mimg at 50k),
+# durations rounded to whole kimg, a snapshot every 2.5M images, 10k samples per snapshot.
+# Attention sits at half the resolution, and NCSN++ runs VE with the Fourier embedding.
 PRESETS = {
-    'paper': dict(arch='ddpmpp', channels=128, channel_mult=(2, 2, 2), blocks=2, attn=(16,),
-                  dropout=0.13, embedding='positional', precond='vp', optimizer='adam', lr=2e-4,
-                  batch=512, weight_decay=0.0, epochs=40000.0, lr_rampup=200.0, ema=10.0,
-                  snapshot_images=2_500_000, samples=10000, sampler_steps=18, labels='none'),
+    'paper': dict(arch='ddpmpp', channels=128, channel_mult=(2, 2, 2), blocks=2, dropout=0.13,
+                  precond='vp', optimizer='adam', lr=2e-4, batch=512, weight_decay=0.0,
+                  epochs=40000.0, lr_rampup=200.0, ema=10.0, ema_mode='mode2', whole_kimg=True,
+                  snapshot_images=2_500_000, samples=10000, sampler_steps=18, seed=1024),
 }
+# Options that follow the architecture and the resolution under a preset unless given.
+ARCH_DEFAULTS = {'ddpmpp': dict(precond='vp', embedding='positional'),
+                 'ncsnpp': dict(precond='ve', embedding='fourier')}
 
-def int_list(text, name):
-    """'1,2,3' -> (1, 2, 3) with a clear error."""
+#----------------------------------------------------------------------------
+# Typed options: lists and label modes are parsed once, at the edge.
+
+class IntList(click.ParamType):
+    """'1,2,3' -> (1, 2, 3); '' -> ()."""
+    name = 'list'
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (tuple, list)):
+            return tuple(int(v) for v in value)
+        try:
+            return tuple(int(v) for v in str(value).split(',') if v.strip() != '')
+        except ValueError:
+            self.fail(f'expected comma-separated whole numbers, got {value!r}', param, ctx)
+
+class LabelMode(click.ParamType):
+    """none | true | random:C | unique."""
+    name = 'mode'
+
+    def convert(self, value, param, ctx):
+        value = str(value)
+        if value in ('none', 'true', 'unique'):
+            return value
+        C = value[len('random:'):] if value.startswith('random:') else ''
+        if not (C.isdigit() and int(C) >= 1):
+            self.fail(f"{value!r} is not a label mode (none, true, random:C with C >= 1, unique)",
+                      param, ctx)
+        return f'random:{int(C)}'
+
+#----------------------------------------------------------------------------
+# Files: every file is written whole or not at all.
+
+def atomic_write(path, data):
+    """Write data (str, bytes, or a function of a temporary path) to path via a rename."""
+    tmp = Path(f'{path}.tmp')
+    if callable(data):
+        data(tmp)
+    else:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+def versions():
+    """Versions of the software a record was made with."""
+    return dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__)
+
+def read_record(outdir, config):
+    """Points already measured in outdir/results.json for this configuration (a clear error otherwise)."""
+    path = Path(outdir) / 'results.json'
+    if not path.exists():
+        return []
     try:
-        return tuple(int(v) for v in text.split(',') if v.strip() != '')
-    except ValueError:
-        raise click.BadParameter(f'expected comma-separated whole numbers, got {text!r}',
-                                 param_hint=name) from None
+        record = json.loads(path.read_text())
+        saved = record['config']
+        points = record['points']
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f'{path}: not a readable memdiff record ({e}); move it away or choose '
+                         'another output folder') from None
+    if saved != config:
+        diff = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+        raise ValueError(f'{path}: holds a run with a different configuration (differs in: '
+                         f'{", ".join(diff)}); choose another output folder')
+    return points
+
+def write_record(outdir, config, points, threshold, extra=None):
+    """results.json and results.csv, sizes ascending."""
+    points = sorted(points, key=lambda p: p['size'])
+    record = dict(**memdiff.summarize(points, threshold), threshold=threshold, points=points,
+                  config=config, versions=versions(), world_size=memdiff.dist_info()[1],
+                  **(extra or {}))
+    atomic_write(Path(outdir) / 'results.json', json.dumps(record, indent=1))
+    lines = ['size,ratio,ci_low,ci_high,best_step,snapshot_steps,snapshot_ratios']
+    for p in points:
+        steps = ' '.join(str(s['step']) for s in p['snapshots'])
+        ratios = ' '.join(f"{s['ratio']:.4f}" for s in p['snapshots'])
+        lines.append(f"{p['size']},{p['ratio']:.4f},{p['ci'][0]:.4f},{p['ci'][1]:.4f},"
+                     f"{p['best_step']},{steps},{ratios}")
+    atomic_write(Path(outdir) / 'results.csv', '\n'.join(lines) + '\n')
+    return record
+
+def image_grid(samples, reference, indices, columns=8, scale=None):
+    """uint8 [H', W', C] grid: each generated sample beside its nearest training image."""
+    pairs = torch.stack([samples, reference[indices]], 1)  # [B, 2, C, H, W]
+    B, _, C, H, W = pairs.shape
+    scale = scale or max(1, 64 // H)                        # tiny images are enlarged to be seen
+    rows = -(-B // columns)
+    pairs = torch.cat([pairs, -torch.ones(rows * columns - B, 2, C, H, W)])
+    pad = torch.nn.functional.pad(memdiff.to_uint8(pairs).float(), (1, 1, 1, 1), value=255)
+    grid = pad.reshape(rows, columns, 2, C, H + 2, W + 2).permute(0, 4, 1, 2, 5, 3)
+    grid = grid.reshape(rows * (H + 2), columns * 2 * (W + 2), C)
+    return grid.repeat_interleave(scale, 0).repeat_interleave(scale, 1).to(torch.uint8)
+
+def write_png(path, image):
+    """Write a uint8 [H, W, C] image (C = 1 or 3) as a PNG."""
+    from PIL import Image
+    array = image.numpy()
+    picture = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+    atomic_write(path, lambda tmp: picture.save(tmp, format='PNG'))
+
+#----------------------------------------------------------------------------
+# The lock and the process group.
+
+def _alive(pid):
+    """Whether process pid exists (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                                 # alive, but another user's
+        return True
+    return True
+
+@contextlib.contextmanager
+def claim(outdir, owner=True):
+    """Hold outdir/lock while a search writes there: two searches on one record would lose work."""
+    path = Path(outdir) / 'lock'
+    while owner:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            break
+        except FileExistsError:
+            try:
+                pid = int(path.read_text() or 0)
+            except (ValueError, FileNotFoundError):
+                pid = 0
+            if pid <= 0 or not _alive(pid):
+                path.unlink(missing_ok=True)                # the stale lock of a killed run
+                continue
+            raise ValueError(f'{outdir}: in use by another run (process {pid}); wait for it or '
+                             'choose another output folder') from None
+    try:
+        yield
+    finally:
+        if owner:
+            path.unlink(missing_ok=True)
+
+def init_distributed(device_name='auto'):
+    """Join the torchrun process group when launched by torchrun -> (device, rank, world_size)."""
+    if device_name == 'auto':
+        device_name = 'cuda' if torch.cuda.is_available() else 'cpu'
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = 'nccl' if device_name.startswith('cuda') else 'gloo'
+        torch.distributed.init_process_group(backend)
+    rank, world = memdiff.dist_info()
+    try:
+        device = torch.device(device_name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device_name!r} (use 'cpu', 'cuda', 'cuda:N' or "
+                         "'auto')") from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f'device {device_name!r} asked for, but this machine has no CUDA GPU')
+    if device.type not in ('cpu', 'cuda'):
+        raise ValueError(f"device {device_name!r} is not supported (use 'cpu' or 'cuda')")
+    if device.type == 'cuda' and device.index is None:
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
+        torch.cuda.set_device(device)
+    return device, rank, world
+
+def close_distributed():
+    """Leave the torchrun process group, once every rank is done (rank 0 may still be writing)."""
+    # A process that exits with the group still open can abort in gloo's threads at shutdown.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+#----------------------------------------------------------------------------
+# The search ledger: every finished size is in results.json, every scored snapshot of an unfinished
+# size in work/, so a rerun of the same command resumes where it stopped.
+
+def measure_size(cfg, data, n, work, device=torch.device('cpu'), progress=None):
+    """memdiff.measure with its ledger in work/ -> (point, samples of the best snapshot [B,C,H,W])."""
+    rank = memdiff.dist_info()[0]
+    files = {k: Path(work) / f'n{n}.{k}' for k in ('state.pt', 'snapshots.json', 'best.pt')}
+    done = json.loads(files['snapshots.json'].read_text()) if files['snapshots.json'].exists() else []
+    best = [torch.load(files['best.pt'], weights_only=True) if files['best.pt'].exists() else None]
+
+    def on_snapshot(snapshot, x, y):
+        # The best samples so far, then the snapshot: a rerun never scores a snapshot twice, and
+        # never loses the samples of the best one.
+        if all(snapshot['ratio'] > s['ratio'] for s in done):
+            best[0] = x.cpu()
+            if rank == 0:
+                atomic_write(files['best.pt'], lambda tmp: torch.save(best[0], tmp))
+        done.append(snapshot)
+        if rank == 0:
+            atomic_write(files['snapshots.json'], json.dumps(done))
+
+    point = memdiff.measure(*data, n, cfg, device, checkpoint=files['state.pt'], done=list(done),
+                            on_snapshot=on_snapshot, progress=progress)
+    return point, best[0]
+
+def emm_search(cfg, outdir, data, sizes=None, lo=16, hi=None, step=1, tolerance=0.0,
+               device=torch.device('cpu'), progress=None, log=print):
+    """Measure the sizes (or search [lo, hi]) of data = (images, labels); record and resume in outdir."""
+    images, labels = data
+    hi = len(images) if hi is None else hi
+    for n in list(sizes or []) + [lo, hi]:
+        if not 1 <= n <= len(images):
+            raise ValueError(f'size {n} is impossible: the data set {cfg.data} has {len(images)} '
+                             'images')
+    if not sizes and lo > hi:
+        raise ValueError(f'the smallest size searched ({lo}) is above the largest ({hi})')
+    config = cfg.to_dict()
+    rank, world = memdiff.dist_info()
+    outdir = Path(outdir)
+    points = read_record(outdir, config)                    # before anything is written
+    work = outdir / 'work'
+    if rank == 0:
+        work.mkdir(parents=True, exist_ok=True)
+    with claim(outdir, rank == 0):
+        if rank == 0 and not points:                        # the configuration, before any work
+            write_record(outdir, config, points, cfg.threshold)
+        if world > 1:
+            torch.distributed.barrier()
+        if points:
+            log(f'resuming: {len(points)} size(s) already measured in {outdir / "results.json"}')
+        known = {p['size']: p['ratio'] for p in points}
+
+        def ratio_at(n):
+            log(f'|D| = {n}: ' + ('sampling the closed-form optimum' if cfg.optimum else
+                                  f'training {cfg.train.total_steps(n)} steps'))
+            point, x = measure_size(cfg, data, n, work, device, progress)
+            points.append(point)
+            if rank == 0:
+                write_record(outdir, config, points, cfg.threshold)
+                y = memdiff.training_set(images, labels, n, cfg)[0]
+                x = memdiff.quantize_uint8(x[:64])
+                _, idx = memdiff.nearest_neighbors(x, y, k=1)
+                write_png(outdir / f'samples_n{n}.png', image_grid(x, y, idx[:, 0]))
+                (work / f'n{n}.state.pt').unlink(missing_ok=True)  # the record holds the result
+            log(f'|D| = {n}: memorization ratio {point["ratio"]:.3f} (95% CI {point["ci"][0]:.3f}'
+                f'-{point["ci"][1]:.3f}, best step {point["best_step"]})')
+            return point['ratio']
+
+        if sizes:
+            for n in sizes:
+                if n not in known:
+                    known[n] = ratio_at(n)
+            status = 'grid'
+        else:
+            status = memdiff.find_emm(ratio_at, lo, hi, cfg.threshold, step, tolerance,
+                                      known)['status']
+        # Rewritten at the end too, so a resumed run with nothing left to do still has it whole.
+        if rank == 0:
+            return write_record(outdir, config, points, cfg.threshold, dict(search=status))
+        return dict(**memdiff.summarize(points, cfg.threshold), points=points, search=status)
 
 #----------------------------------------------------------------------------
 
@@ -45,60 +300,71 @@ Examples:
 @click.option('--data', metavar='SPEC', default='digits', show_default=True,
               help="'digits' (bundled), a .npz, a CIFAR-10 python archive/folder, or a PNG zip.")
 @click.option('--resolution', metavar='INT', type=click.IntRange(min=1), default=None,
-              help='Down-sample images to this resolution (area average).')
+              help="Down-sample images to this resolution (Pillow's LANCZOS, as the study).")
 @click.option('--classes', metavar='INT', type=click.IntRange(min=1), default=None,
               help='Keep only the first C classes.')
-@click.option('--labels', metavar='MODE', default='none', show_default=True,
+@click.option('--labels', metavar='MODE', type=LabelMode(), default='none', show_default=True,
               help='Conditioning: none | true | random:C | unique.')
 # Network.
-@click.option('--arch', type=click.Choice(['ddpmpp', 'ncsnpp']), default='ddpmpp', show_default=True)
-@click.option('--precond', type=click.Choice(['edm', 'vp', 've']), default='edm', show_default=True)
+@click.option('--arch', type=click.Choice(['ddpmpp', 'ncsnpp']), default='ddpmpp', show_default=True,
+              help='U-Net architecture.')
+@click.option('--precond', type=click.Choice(['edm', 'vp', 've']), default='edm', show_default=True,
+              help='Preconditioning and loss.')
 @click.option('--channels', metavar='INT', type=click.IntRange(min=4), default=16, show_default=True,
               help='Base width (model_channels).')
-@click.option('--channel-mult', metavar='LIST', default='1,2', show_default=True,
+@click.option('--channel-mult', metavar='LIST', type=IntList(), default='1,2', show_default=True,
               help='Width multiplier per resolution level.')
 @click.option('--blocks', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True,
               help='Residual blocks per resolution.')
-@click.option('--attn', metavar='LIST', default='4', show_default=True,
+@click.option('--attn', metavar='LIST', type=IntList(), default='4', show_default=True,
               help="Resolutions with self-attention ('' for none).")
-@click.option('--skips', metavar='LIST', default=None,
+@click.option('--skips', metavar='LIST', type=IntList(), default=None,
               help='One 0/1 per encoder skip connection (default: all on).')
 @click.option('--embedding', type=click.Choice(['positional', 'fourier']), default=None,
               help="Time embedding (default: the arch's own).")
 @click.option('--dropout', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True), default=0.0,
-              show_default=True)
+              show_default=True, help='Dropout probability in the residual blocks.')
 # Training.
-@click.option('--optimizer', type=click.Choice(['adam', 'sgd']), default='adam', show_default=True)
+@click.option('--optimizer', type=click.Choice(['adam', 'sgd']), default='adam', show_default=True,
+              help='Adam (0.9, 0.999) or SGD with momentum 0.9.')
 @click.option('--lr', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-3,
-              show_default=True)
-@click.option('--batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+              show_default=True, help='Learning rate.')
+@click.option('--batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True,
+              help='Global batch size.')
 @click.option('--weight-decay', metavar='FLOAT', type=click.FloatRange(min=0), default=0.0,
-              show_default=True)
+              show_default=True, help='L2 weight decay inside the optimizer.')
 @click.option('--ema', metavar='EPOCHS', type=click.FloatRange(min=0), default=10.0,
               show_default=True, help='EMA half-life in epochs of |D|.')
+@click.option('--ema-mode', type=click.Choice(['mode1', 'mode2', 'mode3', 'mode4', 'fixed']),
+              default=None, help="The study's EMA modes (default mode1, the half-life as given; "
+                                 "'fixed' when --ema-beta is given).")
 @click.option('--ema-beta', metavar='FLOAT', type=click.FloatRange(0, 1), default=None,
-              help='Fixed per-step EMA decay instead of a half-life.')
+              help="Per-step EMA decay: constant with 'fixed', mode4's final value [0.99929].")
 @click.option('--steps', metavar='INT', type=click.IntRange(min=1), default=1500, show_default=True,
               help='Training steps per size (unless --epochs).')
 @click.option('--epochs', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None,
               help='Training length in epochs of |D| instead of --steps.')
 @click.option('--lr-rampup', metavar='EPOCHS', type=click.FloatRange(min=0), default=0.0,
               show_default=True, help='Linear learning-rate warm-up in epochs of |D|.')
+@click.option('--whole-kimg', is_flag=True,
+              help="Round ramp-up and EMA half-life down to whole kimg, as the study's train.py.")
 @click.option('--snapshots', metavar='INT', type=click.IntRange(min=1), default=3, show_default=True,
               help='Evenly spaced EMA snapshots evaluated per size.')
 @click.option('--snapshot-images', metavar='INT', type=click.IntRange(min=1), default=None,
-              help='Or one snapshot every so many training images.')
+              help="Or one snapshot every so many images, in EDM's ticks of 50k images.")
 @click.option('--amp', is_flag=True, help='bf16 autocast for the network (the study ran fp32).')
 @click.option('--tf32', is_flag=True, help='Allow TF32 matrix products on CUDA (off: fp32 as the study).')
 # Evaluation and search.
 @click.option('--samples', metavar='INT', type=click.IntRange(min=1), default=1000, show_default=True,
-              help='Generated samples per snapshot.')
+              help='Generated samples per snapshot (seeds 0..N-1, as the study).')
 @click.option('--sampler-steps', metavar='INT', type=click.IntRange(min=2), default=18,
               show_default=True, help='Heun steps (2n-1 network evaluations).')
 @click.option('--threshold', metavar='FLOAT', type=click.FloatRange(0, 1), default=0.9,
               show_default=True, help='Memorization ratio that counts as memorizing (1 - eps).')
-@click.option('--sizes', metavar='LIST', default=None, help='Measure these sizes instead of searching.')
-@click.option('--min-size', metavar='INT', type=click.IntRange(min=1), default=16, show_default=True)
+@click.option('--sizes', metavar='LIST', type=IntList(), default=None,
+              help='Measure these sizes instead of searching.')
+@click.option('--min-size', metavar='INT', type=click.IntRange(min=1), default=16, show_default=True,
+              help='Smallest size of the search (it doubles from here).')
 @click.option('--max-size', metavar='INT', type=click.IntRange(min=1), default=None,
               help='Largest size searched (default: the data set).')
 @click.option('--tolerance', metavar='FLOAT', type=click.FloatRange(min=0), default=0.35,
@@ -107,9 +373,10 @@ Examples:
 # Run.
 @click.option('--preset', type=click.Choice(sorted(PRESETS)), default=None,
               help="The study's configuration (explicit options still win).")
-@click.option('--seed', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
-@click.option('--device', metavar='DEV', default='cpu', show_default=True,
-              help="'cpu', 'cuda', 'cuda:1' or 'auto'.")
+@click.option('--seed', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True,
+              help='Seed of training: initial weights, data order and noise.')
+@click.option('--device', metavar='DEV', default='auto', show_default=True,
+              help="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:1'.")
 @click.option('--outdir', metavar='DIR', default=None,
               help='Output folder (default: runs/emm-<hash of the configuration>); reruns resume.')
 @click.option('--dry-run', is_flag=True, help='Print the configuration and its cost, then stop.')
@@ -125,51 +392,57 @@ def main(ctx, **opts):
     --min-size, then bisection; every finished size is recorded in OUTDIR/results.json, and rerunning
     the same command resumes an interrupted search.
     """
-    if opts['preset']:
-        given = {k for k in opts
-                 if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
-        # An explicit --steps (--snapshots) replaces the preset's --epochs (--snapshot-images):
-        # otherwise the preset's duration would silently win over the one asked for.
-        given |= {alt for k, alt in (('steps', 'epochs'), ('snapshots', 'snapshot_images'))
-                  if k in given}
-        for k, v in PRESETS[opts['preset']].items():
-            if k not in given:
-                opts[k] = v
+    given = {k for k in opts if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
     try:
-        device, rank, world = memdiff.init_distributed(opts['device'])
+        if opts['preset']:
+            apply_preset(opts, given)
+        device, rank, world = init_distributed(opts['device'])
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = opts['tf32']
         runs = sweep_values(ctx, opts) if opts['sweep'] else [(None, opts)]
-        configs = [(value, make_config(o)) for value, o in runs]  # every value checked up front
+        configs = [(value, make_config(o, given)) for value, o in runs]  # every value checked first
         if opts['dry_run']:
             for value, cfg in configs:
                 dry_run(cfg, opts)
-            memdiff.close_distributed()
+            close_distributed()
             return
         log = click.echo if rank == 0 else (lambda *a: None)
         # Each configuration's default folder is named by its hash, so sweeps and single runs share
         # (and resume) the records of identical configurations.
         factor = opts['sweep'].split('=')[0] if opts['sweep'] else None
-        base = opts['outdir'] or (f'runs/sweep-{factor}-{config_hash(make_config(opts))}' if factor
-                                  else f'runs/emm-{config_hash(configs[0][1])}')
+        base = opts['outdir'] or (f'runs/sweep-{factor}-{config_hash(make_config(opts, given))}'
+                                  if factor else f'runs/emm-{config_hash(configs[0][1])}')
         records = []
         for value, cfg in configs:
             outdir = (f'{base}/{factor}={value}' if opts['outdir'] else
                       f'runs/emm-{config_hash(cfg)}') if factor else base
             log(f'memdiff EMM search -> {outdir} (world size {world}, device {device})')
-            record = memdiff.emm_search(
-                cfg, outdir, sizes=int_list(opts['sizes'], '--sizes') if opts['sizes'] else None,
-                lo=opts['min_size'], hi=opts['max_size'], tolerance=opts['tolerance'],
-                device=device, progress=Progress() if rank == 0 else None, log=log)
+            record = emm_search(cfg, outdir, dataset(cfg.data, cfg.resolution, cfg.classes),
+                                sizes=opts['sizes'], lo=opts['min_size'], hi=opts['max_size'],
+                                tolerance=opts['tolerance'], device=device,
+                                progress=Progress() if rank == 0 else None, log=log)
             if rank == 0:
                 print_table(record, cfg.threshold)
             records.append((value, record))
         if opts['sweep'] and rank == 0:
             write_sweep(base, factor, records, configs[0][1].threshold)
-        memdiff.close_distributed()
+        close_distributed()
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
         raise click.ClickException('interrupted: rerun the same command to resume') from None
+
+def apply_preset(opts, given):
+    """Fill the options not given on the command line from the preset (in place)."""
+    preset = dict(PRESETS[opts['preset']])
+    preset.update({k: v for k, v in ARCH_DEFAULTS[opts['arch']].items()})
+    # An explicit --steps (--snapshots) replaces the preset's --epochs (--snapshot-images):
+    # otherwise the preset's duration would silently win over the one asked for.
+    skip = given | {alt for k, alt in (('steps', 'epochs'), ('snapshots', 'snapshot_images'))
+                    if k in given}
+    for k, v in preset.items():
+        if k not in skip:
+            opts[k] = v
+    opts['preset_attn'] = 'attn' not in given               # attention moves with the resolution
 
 def sweep_values(ctx, opts):
     """'--sweep factor=v1,v2' -> [(value text, options with that value)], values typed by click."""
@@ -191,91 +464,49 @@ def sweep_values(ctx, opts):
         runs.append((v, o))
     return runs
 
-def write_sweep(base, factor, records, threshold):
-    """Side-by-side table of a sweep: printed, and written as sweep.json, sweep.csv and sweep.png."""
-    sizes = sorted({p['size'] for _, r in records for p in r['points']})
-    header = [factor, 'EMM', 'crossing'] + [f'n={n}' for n in sizes]
-    rows = []
-    for value, r in records:
-        at = {p['size']: p['ratio'] for p in r['points']}
-        rows.append([value, '-' if r['emm'] is None else str(r['emm']),
-                     '-' if r['crossing'] is None else f"{r['crossing']:.0f}"]
-                    + [f'{at[n]:.3f}' if n in at else '' for n in sizes])
-    Path(base).mkdir(parents=True, exist_ok=True)
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-    click.echo('\n' + '  '.join(h.rjust(w) for h, w in zip(header, widths)))
-    for row in rows:
-        click.echo('  '.join(c.rjust(w) for c, w in zip(row, widths)))
-    memdiff.atomic_write_text(f'{base}/sweep.csv', '\n'.join(','.join(r) for r in [header] + rows)
-                              + '\n')
-    memdiff.atomic_write_text(f'{base}/sweep.json', json.dumps(dict(
-        factor=factor, threshold=threshold, values=[dict(value=v, emm=r['emm'], crossing=r['crossing'],
-        points=[dict(size=p['size'], ratio=p['ratio'], ci=p['ci']) for p in r['points']])
-        for v, r in records]), indent=1))
-    try:
-        plot_sweep(f'{base}/sweep.png', factor, records, threshold)
-    except ImportError:
-        click.echo("(sweep.png needs matplotlib: pip install 'memdiff[plot]')")
+@functools.lru_cache(maxsize=4)
+def dataset(data, resolution, classes):
+    """The data set of a configuration, loaded once per run."""
+    return memdiff.load_dataset(data, resolution, classes)
 
-def plot_sweep(path, factor, records, threshold):
-    """Memorization ratio against |D| (log scale), one curve per value, the threshold dashed."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for value, r in records:
-        pts = sorted((p['size'], p['ratio']) for p in r['points'])
-        ax.plot([n for n, _ in pts], [q for _, q in pts], 'o-', label=f'{factor}={value}')
-    ax.axhline(threshold, color='k', ls='--', lw=0.8)
-    ax.set(xscale='log', xlabel='training-set size |D|', ylabel='memorization ratio',
-           ylim=(-0.02, 1.02), title=f'EMM sweep over {factor}')
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(f'{path}.tmp.png')
-    plt.close(fig)
-    import os
-    os.replace(f'{path}.tmp.png', path)
-
-def make_config(o):
-    """Options -> memdiff.EMMConfig (raising ValueError / BadParameter on impossible values)."""
+def make_config(o, given=()):
+    """Options -> memdiff.EMMConfig, checked against the data set (ValueError on impossible values)."""
+    images, labels = dataset(o['data'], None, None)
+    side = images.shape[-1]
+    resolution = None if o['resolution'] in (None, side) else o['resolution']  # same data, same record
+    attn = o['attn']
+    if o.get('preset_attn'):                                # the study: attention at half the side
+        attn = ((resolution or side) // 2,)
+    ema_mode = o['ema_mode'] or ('fixed' if o['ema_beta'] is not None else 'mode1')
     train = memdiff.TrainConfig(
         precond=o['precond'], optimizer=o['optimizer'], lr=o['lr'], batch=o['batch'],
         weight_decay=o['weight_decay'], steps=o['steps'], epochs=o['epochs'],
-        lr_rampup_epochs=o['lr_rampup'], ema_halflife_epochs=o['ema'], ema_beta=o['ema_beta'],
+        lr_rampup_epochs=o['lr_rampup'], ema_mode=ema_mode, ema_halflife_epochs=o['ema'],
+        ema_beta=0.99929 if o['ema_beta'] is None else o['ema_beta'], whole_kimg=o['whole_kimg'],
         snapshots=o['snapshots'], snapshot_images=o['snapshot_images'], amp=o['amp'])
     cfg = memdiff.EMMConfig(
-        data=o['data'], resolution=o['resolution'], classes=o['classes'], labels=o['labels'],
-        arch=o['arch'], channels=o['channels'],
-        channel_mult=int_list(o['channel_mult'], '--channel-mult')
-        if isinstance(o['channel_mult'], str) else tuple(o['channel_mult']),
-        blocks=o['blocks'], attn=int_list(o['attn'], '--attn') if isinstance(o['attn'], str)
-        else tuple(o['attn']),
-        skips=int_list(o['skips'], '--skips') if o['skips'] else None, embedding=o['embedding'],
-        dropout=o['dropout'], train=train, samples=o['samples'], num_steps=o['sampler_steps'],
-        threshold=o['threshold'], optimum=o['optimum'], seed=o['seed'])
-    N, side, num_classes = data_info(cfg.data)
-    if cfg.labels == 'true' and not num_classes:
+        data=o['data'], resolution=resolution, classes=o['classes'], labels=o['labels'],
+        arch=o['arch'], channels=o['channels'], channel_mult=o['channel_mult'], blocks=o['blocks'],
+        attn=attn, skips=o['skips'] or None, embedding=o['embedding'], dropout=o['dropout'],
+        train=train, samples=o['samples'], num_steps=o['sampler_steps'], threshold=o['threshold'],
+        optimum=o['optimum'], seed=o['seed'])
+    if not cfg.channel_mult:
+        raise click.BadParameter('needs at least one level', param_hint='--channel-mult')
+    if cfg.labels == 'true' and labels is None:
         raise click.BadParameter(f"'true' needs a data set with labels, and {cfg.data} has none",
                                  param_hint='--labels')
-    if cfg.labels != 'true':
-        memdiff.assign_labels(None, cfg.labels, n=1)         # an unknown label mode fails here
-    if cfg.resolution is not None and side % cfg.resolution:
-        raise click.BadParameter(f'{cfg.resolution} does not divide the image size {side} of '
-                                 f'{cfg.data}', param_hint='--resolution')
+    if resolution is not None and resolution > side:
+        raise click.BadParameter(f'{resolution} is above the image size {side} of {cfg.data}',
+                                 param_hint='--resolution')
+    num_classes = 0 if labels is None else int(labels.max()) + 1
     if cfg.classes is not None and cfg.classes > num_classes:
         raise click.BadParameter(f'{cfg.data} has {num_classes} classes, not {cfg.classes}',
                                  param_hint='--classes')
-    if cfg.resolution == side:
-        cfg.resolution = None                               # the same data: the same record
-    if not cfg.channel_mult:
-        raise click.BadParameter('needs at least one level', param_hint='--channel-mult')
+    if not cfg.optimum:                                     # an impossible network fails here,
+        with torch.device('meta'):                          # built without memory or time
+            memdiff.build_network(cfg, (images.shape[1], resolution or side, resolution or side),
+                                  0 if cfg.labels == 'none' else 2)
     return cfg
-
-@functools.lru_cache
-def data_info(data):
-    """(number of images, image side, number of classes) of a data set, loaded once per run."""
-    images, labels = memdiff.load_dataset(data)
-    return len(images), images.shape[-1], 0 if labels is None else int(labels.max()) + 1
 
 def config_hash(cfg):
     """Short hash of the configuration: the default output folder of a run."""
@@ -283,10 +514,11 @@ def config_hash(cfg):
 
 def dry_run(cfg, opts):
     """Print the resolved configuration and the cost of one |D| point."""
-    images, labels = memdiff.load_dataset(cfg.data, cfg.resolution, cfg.classes)
+    images, labels = dataset(cfg.data, cfg.resolution, cfg.classes)
     n = opts['max_size'] or min(len(images), 1000)
     _, _, label_dim = memdiff.training_set(images, labels, n, cfg)
-    net = memdiff.build_network(cfg, tuple(images.shape[1:]), label_dim)
+    with torch.device('meta'):
+        net = memdiff.build_network(cfg, tuple(images.shape[1:]), label_dim)
     params = sum(p.numel() for p in net.parameters())
     steps = cfg.train.total_steps(n)
     snaps = len(cfg.train.snapshot_steps(n))
@@ -297,6 +529,9 @@ def dry_run(cfg, opts):
     click.echo(f'cost of |D| = {n}: {steps:,} training steps of batch {cfg.train.batch} '
                f'({steps * cfg.train.batch:,} images), {snaps} snapshot(s) x {cfg.samples} samples '
                f'x {2 * cfg.num_steps - 1} evaluations = {evals:,} network evaluations')
+
+#----------------------------------------------------------------------------
+# What the user sees: progress, the table, the sweep.
 
 class Progress:
     """click progress bars for training steps and sampling evaluations."""
@@ -330,6 +565,48 @@ def print_table(record, threshold):
     crossing = f' (interpolated crossing {record["crossing"]:.0f})' if record['crossing'] else ''
     emm = record['emm'] if record['emm'] is not None else 'none (below the smallest size)'
     click.echo(f'\nEMM at {threshold:.0%}: {emm}{crossing}   [{record.get("search", "")}]')
+
+def write_sweep(base, factor, records, threshold):
+    """Side-by-side table of a sweep: printed, and written as sweep.json, sweep.csv and sweep.png."""
+    sizes = sorted({p['size'] for _, r in records for p in r['points']})
+    header = [factor, 'EMM', 'crossing'] + [f'n={n}' for n in sizes]
+    rows = []
+    for value, r in records:
+        at = {p['size']: p['ratio'] for p in r['points']}
+        rows.append([value, '-' if r['emm'] is None else str(r['emm']),
+                     '-' if r['crossing'] is None else f"{r['crossing']:.0f}"]
+                    + [f'{at[n]:.3f}' if n in at else '' for n in sizes])
+    Path(base).mkdir(parents=True, exist_ok=True)
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    click.echo('\n' + '  '.join(h.rjust(w) for h, w in zip(header, widths)))
+    for row in rows:
+        click.echo('  '.join(c.rjust(w) for c, w in zip(row, widths)))
+    atomic_write(f'{base}/sweep.csv', '\n'.join(','.join(r) for r in [header] + rows) + '\n')
+    atomic_write(f'{base}/sweep.json', json.dumps(dict(
+        factor=factor, threshold=threshold, values=[dict(value=v, emm=r['emm'], crossing=r['crossing'],
+        points=[dict(size=p['size'], ratio=p['ratio'], ci=p['ci']) for p in r['points']])
+        for v, r in records]), indent=1))
+    try:
+        plot_sweep(f'{base}/sweep.png', factor, records, threshold)
+    except ImportError:
+        click.echo("(sweep.png needs matplotlib: pip install 'memdiff[plot]')")
+
+def plot_sweep(path, factor, records, threshold):
+    """Memorization ratio against |D| (log scale), one curve per value, the threshold dashed."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for value, r in records:
+        pts = sorted((p['size'], p['ratio']) for p in r['points'])
+        ax.plot([n for n, _ in pts], [q for _, q in pts], 'o-', label=f'{factor}={value}')
+    ax.axhline(threshold, color='k', ls='--', lw=0.8)
+    ax.set(xscale='log', xlabel='training-set size |D|', ylabel='memorization ratio',
+           ylim=(-0.02, 1.02), title=f'EMM sweep over {factor}')
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format='png'))
+    plt.close(fig)
 
 if __name__ == '__main__':
     main()

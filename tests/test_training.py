@@ -1,0 +1,326 @@
+"""Training (section 8): durations, snapshots, the study's lr and EMA schedules, data order, the loop."""
+
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import memdiff
+
+# Strategies. Bounds are small for speed.
+SEEDS = st.integers(0, 2**31 - 1)
+DURATION_SIZES = st.integers(1, 100_000)
+EPOCHS = st.floats(0.01, 1000.0)
+BATCHES = st.integers(1, 1024)
+SNAPSHOT_COUNTS = st.integers(1, 20)
+TOTAL_STEPS = st.integers(1, 5000)
+SNAPSHOT_IMAGES = st.integers(1, 100_000)
+STUDY_SIZES = st.sampled_from([500, 1000, 5000])           # the sizes the study trained most
+STUDY_BATCHES = st.sampled_from([128, 512])
+MODES = st.sampled_from(['mode1', 'mode2', 'mode3', 'mode4'])
+
+#----------------------------------------------------------------------------
+# Durations and snapshots
+
+@given(DURATION_SIZES, EPOCHS, BATCHES)
+def test_total_steps_in_epochs_scale_with_size(n, epochs, batch):
+    """In epochs mode the step count is ceil(epochs * n / batch): non-decreasing in n, at least 1."""
+    cfg = memdiff.TrainConfig(epochs=epochs, batch=batch)
+    total = cfg.total_steps(n)
+    assert total == max(1, math.ceil(epochs * n / batch))
+    assert cfg.total_steps(2 * n) >= total
+    assert cfg.total_steps(2 * n) <= 2 * total
+
+
+@given(DURATION_SIZES, TOTAL_STEPS)
+def test_total_steps_without_epochs_ignore_size(n, steps):
+    """In steps mode the duration is the fixed step count, whatever the training-set size."""
+    assert memdiff.TrainConfig(steps=steps).total_steps(n) == steps
+
+
+@given(TOTAL_STEPS, SNAPSHOT_COUNTS)
+def test_snapshot_steps_are_ascending_unique_and_end_at_the_final_step(steps, snapshots):
+    """Snapshot steps ascend strictly within [1, total], end at the final step, and number at most
+    the snapshots asked for."""
+    cfg = memdiff.TrainConfig(steps=steps, snapshots=snapshots)
+    snaps = cfg.snapshot_steps(10)
+    assert snaps == sorted(set(snaps))
+    assert snaps[-1] == steps and snaps[0] >= 1
+    assert 1 <= len(snaps) <= snapshots
+
+
+def edm_tick_snapshots(total_steps, batch, tick_images=50_000, snapshot_ticks=50):
+    """Snapshot steps of EDM's training loop, simulated step by step (tick 0 not scored)."""
+    steps, nimg, tick, tick_start = [], 0, 0, 0
+    for step in range(1, total_steps + 1):
+        nimg += batch
+        done = step == total_steps
+        if not done and tick != 0 and nimg < tick_start + tick_images:
+            continue
+        if done or tick % snapshot_ticks == 0:
+            steps.append(step)
+        tick, tick_start = tick + 1, nimg
+    return steps[1:]                                        # the study never scores tick 0
+
+
+@given(st.integers(1, 3000), STUDY_BATCHES)
+def test_snapshot_images_follow_edm_ticks(n, batch):
+    """With the study's 2.5M images, snapshots fall where EDM's 50-tick loop writes them."""
+    cfg = memdiff.TrainConfig(epochs=400.0, batch=batch, snapshot_images=2_500_000)
+    total = cfg.total_steps(n)
+    assert cfg.snapshot_steps(n) == (edm_tick_snapshots(total, batch) or [total])
+
+
+@given(st.integers(1, 2000), st.floats(0.01, 100.0), BATCHES, SNAPSHOT_IMAGES)  # <= 2e5 steps
+def test_snapshot_steps_by_images_are_evenly_spaced_after_the_first_step(n, epochs, batch, images):
+    """With snapshot_images, the snapshots before the final one are one tick past a whole multiple
+    of the interval, as EDM's first tick ends after one step."""
+    cfg = memdiff.TrainConfig(epochs=epochs, batch=batch, snapshot_images=images)
+    snaps, total = cfg.snapshot_steps(n), cfg.total_steps(n)
+    assert snaps == sorted(set(snaps)) and snaps[-1] == total
+    if len(snaps) > 1:
+        every = snaps[0] - 1
+        assert every >= math.ceil(min(images, 50_000) / batch)
+        assert all((s - 1) % every == 0 and s < total for s in snaps[:-1])
+
+#----------------------------------------------------------------------------
+# The study's schedules, against the formulas of its train.py and training_loop.py
+
+def study_lr(nimg, n, lr=2e-4):
+    """lr * min(nimg / (1000 floor(n/5)), 1) (lr_rampup_kimg = int(n / 5))."""
+    return lr * min(nimg / max(1000 * int(n / 5), 1e-8), 1)
+
+
+def study_beta(nimg, n, batch, mode, final=0.99929):
+    """The study's EMA beta after the step taken at nimg images (ema_halflife_kimg = int(0.5 n/50))."""
+    h = max(min(1000 * int(0.5 * n / 50), 0.05 * nimg), 1e-8)
+    ratio = 50_000 / n
+    return {'mode1': 0.5 ** (batch / h), 'mode2': 0.5 ** (512 / h / ratio),
+            'mode3': 0.5 ** (batch / 500_000),
+            'mode4': final / 0.5 ** (batch / 500_000) * 0.5 ** (batch / h / ratio)}[mode]
+
+
+def study_config(batch, mode='mode2'):
+    return memdiff.TrainConfig(lr=2e-4, batch=batch, epochs=40000.0, lr_rampup_epochs=200.0,
+                               ema_mode=mode, ema_halflife_epochs=10.0, whole_kimg=True)
+
+
+@given(STUDY_SIZES, STUDY_BATCHES, MODES, st.integers(0, 20_000))
+def test_lr_and_ema_sequences_equal_the_studys_formulas(n, batch, mode, step):
+    """At the study's sizes and batches, every step's lr and EMA beta are the study's."""
+    cfg = study_config(batch, mode)
+    nimg = step * batch
+    assert cfg.lr_at(nimg, n) == pytest.approx(study_lr(nimg, n), rel=1e-12, abs=0)
+    assert cfg.ema_beta_at(nimg, n) == pytest.approx(study_beta(nimg, n, batch, mode), rel=1e-12)
+
+
+@given(STUDY_SIZES, STUDY_BATCHES)
+def test_mode2_beta_after_rampup_is_the_same_for_every_size_and_batch(n, batch):
+    """mode2 after ramp-up: beta = 0.5^(512/500,000) = 0.99929 per step, a ~977-step half-life."""
+    beta = study_config(batch).ema_beta_at(10**9, n)
+    assert beta == pytest.approx(0.5 ** (512 / 500_000), rel=1e-12)
+    assert math.log(0.5) / math.log(beta) == pytest.approx(976.5625)
+
+
+def test_first_step_has_zero_lr_and_copies_the_network_into_the_ema():
+    """nimg counts the images seen before the step: the first step has lr 0 and EMA beta 0."""
+    cfg = study_config(512)
+    assert cfg.lr_at(0, 1000) == 0 and cfg.ema_beta_at(0, 1000) == 0
+
+
+def test_fixed_ema_beta_is_constant_and_unknown_mode_is_an_error():
+    """'fixed' returns ema_beta at every step; an unknown mode is a ValueError naming it."""
+    cfg = memdiff.TrainConfig(ema_mode='fixed', ema_beta=0.9)
+    assert {cfg.ema_beta_at(k * 64, 100) for k in range(5)} == {0.9}
+    with pytest.raises(ValueError, match='mode9'):
+        memdiff.TrainConfig(ema_mode='mode9').ema_beta_at(0, 10)
+
+
+@given(st.integers(1, 300), SEEDS)
+def test_data_order_is_numpys_seeded_shuffle(n, seed):
+    """The data order is a permutation, and the one EDM's sampler draws (RandomState(seed).shuffle)."""
+    import numpy as np
+    order = np.arange(n)
+    np.random.RandomState(seed).shuffle(order)
+    assert memdiff.data_order(n, seed).tolist() == order.tolist()
+
+#----------------------------------------------------------------------------
+# The training loop (tiny: 8 channels, one level, batch 8, a handful of steps)
+
+TINY_TRAIN = memdiff.TrainConfig(steps=6, batch=8, snapshots=3)
+
+
+def tiny_network(dropout=0.0, init_seed=0, precond='edm'):
+    torch.manual_seed(init_seed)
+    cfg = memdiff.EMMConfig(channels=8, channel_mult=(1,), attn=(), dropout=dropout)
+    cfg.train.precond = precond
+    return memdiff.build_network(cfg, (1, 8, 8), 0)
+
+
+def tiny_images(n=8):
+    images, labels = memdiff.load_dataset('digits')
+    return images[:n].clone()
+
+
+def snapshots_of(precond, images, cfg, seed, checkpoint=None, stop_after=None, global_seed=0):
+    """[(step, EMA state dict copy)] from train(); stop after that many snapshots (an interrupt).
+    torch's global seed is set first, as measure() does, so dropout masks are seeded too."""
+    torch.manual_seed(global_seed)
+    out = []
+    for step, ema in memdiff.train(precond, images, None, cfg, seed=seed, checkpoint=checkpoint):
+        out.append((step, {k: v.clone() for k, v in ema.state_dict().items()}))
+        if stop_after is not None and len(out) == stop_after:
+            break
+    return out
+
+
+def max_difference(a, b):
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+class SeenImages:
+    """A loss that records the clean images of every batch (for the data order)."""
+    def __init__(self, loss):
+        self.loss, self.batches = loss, []
+
+    def __call__(self, denoise, y, *args, **kwargs):
+        self.batches.append(y.detach().clone())
+        return self.loss(denoise, y, *args, **kwargs)
+
+
+@pytest.mark.parametrize('n, batch', [(8, 4), (6, 4), (3, 8)])
+def test_every_image_is_seen_once_per_epoch_in_one_repeated_order(monkeypatch, n, batch):
+    """The batches walk one permutation of the set, repeated: each image once per epoch (a set
+    smaller than the batch appears several times in one batch, as in the study)."""
+    spy = SeenImages(memdiff.LOSSES['edm'])
+    monkeypatch.setitem(memdiff.LOSSES, 'edm', spy)
+    y = tiny_images(n)
+    cfg = memdiff.TrainConfig(steps=3 * n, batch=batch, snapshots=1)
+    list(memdiff.train(tiny_network(), y, None, cfg, seed=3))
+    flat = y.flatten(1)
+    seen = [int((flat == row).all(1).nonzero()[0]) for b in spy.batches for row in b.flatten(1)]
+    order = memdiff.data_order(n, 3).tolist()
+    assert seen == [order[k % n] for k in range(len(seen))]
+    for epoch in range(len(seen) // n):
+        assert sorted(seen[epoch * n:(epoch + 1) * n]) == list(range(n))
+
+
+def test_loss_constants_come_from_the_preconditioning(monkeypatch):
+    """train() weights the loss with the sigma_data (VP: beta, VE: sigma range) of the precond it trains."""
+    calls = []
+    monkeypatch.setitem(memdiff.LOSSES, 'edm', lambda *a, **k: calls.append(k) or
+                        memdiff.edm_loss(*a, **k))
+    precond = tiny_network()
+    precond.sigma_data = 1.0
+    list(memdiff.train(precond, tiny_images(4), None, memdiff.TrainConfig(steps=1, batch=4), seed=0))
+    assert calls[0]['sigma_data'] == 1.0
+
+
+@pytest.mark.parametrize('mode', ['mode1', 'mode2', 'fixed'])
+def test_each_step_updates_the_ema_and_lr_by_their_formulas(monkeypatch, mode):
+    """After every step, ema = beta ema + (1 - beta) net with the formula's beta, and the optimizer
+    ran at the ramped learning rate."""
+    lrs, original_step = [], torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):
+        lrs.append(self.param_groups[0]['lr'])
+        return original_step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.Adam, 'step', step)
+    n = 8
+    cfg = memdiff.TrainConfig(steps=5, batch=4, snapshots=5, lr=1e-2, lr_rampup_epochs=1.5,
+                              ema_mode=mode, ema_halflife_epochs=0.5, ema_rampup=0.5,
+                              ema_beta=0.7)
+    precond = tiny_network()
+    ema_prev = {k: v.clone() for k, v in precond.state_dict().items()}
+    for k, (step_no, ema) in enumerate(memdiff.train(precond, tiny_images(n), None, cfg, seed=0)):
+        nimg = k * cfg.batch
+        beta = cfg.ema_beta_at(nimg, n)
+        net = precond.state_dict()
+        for name, value in ema.state_dict().items():
+            if name in dict(precond.named_parameters()):
+                expected = beta * ema_prev[name] + (1 - beta) * net[name]
+                assert torch.allclose(value, expected, rtol=1e-6, atol=1e-7), (step_no, name)
+        ema_prev = {k: v.clone() for k, v in ema.state_dict().items()}
+        assert lrs[k] == pytest.approx(1e-2 * min(nimg / (1.5 * n), 1))
+    assert len(lrs) == 5
+
+
+def test_a_non_finite_loss_stops_training_with_the_step(monkeypatch):
+    """A NaN loss is a ValueError naming the step, raised before the snapshot is handed out."""
+    calls = []
+
+    def nan_at_three(denoise, y, *args, **kwargs):
+        calls.append(1)
+        loss = memdiff.edm_loss(denoise, y, *args, **kwargs)
+        return loss * (math.nan if len(calls) == 3 else 1)
+    monkeypatch.setitem(memdiff.LOSSES, 'edm', nan_at_three)
+    cfg = memdiff.TrainConfig(steps=5, batch=4, snapshots=1)
+    with pytest.raises(ValueError, match='step 3 of 5'):
+        list(memdiff.train(tiny_network(), tiny_images(4), None, cfg, seed=0))
+
+
+@pytest.mark.slow
+def test_fused_adam_follows_the_plain_adam_trajectory(monkeypatch):
+    """The fused optimizer memdiff uses gives plain Adam's weights to float32 rounding."""
+    y, net = tiny_images(), tiny_network()
+    cfg = memdiff.TrainConfig(steps=10, batch=8, snapshots=10, ema_mode='fixed', ema_beta=0.0)
+    fused = snapshots_of(copy.deepcopy(net), y, cfg, seed=2)
+    plain_adam = torch.optim.Adam
+    monkeypatch.setattr(torch.optim, 'Adam', lambda *a, fused=None, **k: plain_adam(*a, **k))
+    plain = snapshots_of(copy.deepcopy(net), y, cfg, seed=2)
+    assert [s for s, _ in fused] == [s for s, _ in plain]
+    for (_, a), (_, b) in zip(fused, plain):
+        assert max_difference(a, b) < 1e-5
+
+
+@pytest.mark.slow
+def test_train_yields_ema_at_every_snapshot_step():
+    """train() yields (step, EMA network) exactly at the configured snapshot steps."""
+    y = tiny_images()
+    snaps = snapshots_of(tiny_network(), y, TINY_TRAIN, seed=0)
+    assert [s for s, _ in snaps] == TINY_TRAIN.snapshot_steps(len(y))
+
+
+@pytest.mark.slow
+def test_train_same_seed_gives_identical_ema():
+    """Two runs from the same initial network and seed end with bit-identical EMA weights."""
+    y, net = tiny_images(), tiny_network()
+    a = snapshots_of(copy.deepcopy(net), y, TINY_TRAIN, seed=5)
+    b = snapshots_of(copy.deepcopy(net), y, TINY_TRAIN, seed=5)
+    c = snapshots_of(copy.deepcopy(net), y, TINY_TRAIN, seed=6)
+    for (sa, ea), (sb, eb) in zip(a, b):
+        assert sa == sb and max_difference(ea, eb) == 0
+    assert max_difference(a[-1][1], c[-1][1]) > 0               # the seed matters
+
+
+def check_resume_is_exact(tmp_path, dropout):
+    y, net = tiny_images(), tiny_network(dropout)
+    whole = snapshots_of(copy.deepcopy(net), y, TINY_TRAIN, seed=1)
+    ckpt = str(tmp_path / 'state.pt')
+    # Stopped while the second snapshot is in the caller's hands: only the first is saved (a
+    # snapshot's state is saved once the caller asks for the next one), so the second is redone.
+    first = snapshots_of(copy.deepcopy(net), y, TINY_TRAIN, seed=1, checkpoint=ckpt, stop_after=2)
+    # A new process: a differently initialised network, the state comes from the checkpoint.
+    rest = snapshots_of(tiny_network(dropout, init_seed=99), y, TINY_TRAIN, seed=1, checkpoint=ckpt)
+    assert [s for s, _ in first] == [s for s, _ in whole][:2]
+    assert [s for s, _ in rest] == [s for s, _ in whole][1:]
+    assert max_difference(first[1][1], rest[0][1]) == 0.0
+    resumed = first[:1] + rest
+    diffs = [max_difference(a, b) for (_, a), (_, b) in zip(whole, resumed)]
+    assert diffs == [0.0] * len(whole), f'max |EMA difference| per snapshot: {diffs}'
+
+
+@pytest.mark.slow
+def test_train_resume_after_interrupt_is_exact(tmp_path):
+    """Stopping during a snapshot and resuming from the checkpoint gives the EMA weights of an
+    uninterrupted run, bit for bit."""
+    check_resume_is_exact(tmp_path, dropout=0.0)
+
+
+@pytest.mark.slow
+def test_train_resume_after_interrupt_is_exact_with_dropout(tmp_path):
+    """With dropout (the paper preset uses 0.13) resuming is exact too."""
+    check_resume_is_exact(tmp_path, dropout=0.5)
