@@ -293,12 +293,13 @@ def _group_norm(channels):
 
 class Resample(nn.Module):
     """2x up- or down-sampling with a separable FIR filter (taps [1,1] = average pool / nearest)."""
-    def __init__(self, mode, taps=(1, 1)):
+    def __init__(self, mode, taps=(1, 1), pad=None):
         super().__init__()
         f = torch.as_tensor(taps, dtype=torch.float32)
         self.register_buffer('f', f.outer(f) / f.sum().square(), persistent=False)  # sums to 1
-        self.mode, self.pad = mode, (len(taps) - 1) // 2
-        self.box = tuple(taps) == (1, 1)
+        self.mode = mode
+        self.pad = (len(taps) - 1) // 2 if pad is None else pad
+        self.box = tuple(taps) == (1, 1) and self.pad == 0
 
     def forward(self, x):
         if self.box:                                        # fused kernels for the DDPM++ filter
@@ -308,6 +309,20 @@ class Resample(nn.Module):
         if self.mode == 'down':
             return F.conv2d(x, w, groups=C, stride=2, padding=self.pad)
         return F.conv_transpose2d(x, w * 4, groups=C, stride=2, padding=self.pad)
+
+class DownConv(nn.Conv2d):
+    """EDM's fused down-sampling 3x3 conv (NCSN++'s residual input path): [B,Cin,H,W] -> [B,Cout,H/2,W/2].
+
+    Convolve with padding 1 + (taps - 1)//2 (no bias), filter with stride 2 and no padding, add the
+    bias last. Conv-then-Resample would pad twice with zeros and differ at the borders.
+    """
+    def __init__(self, cin, cout, taps=(1, 3, 3, 1)):
+        super().__init__(cin, cout, 3, padding=1 + (len(taps) - 1) // 2)
+        self.down = Resample('down', taps, pad=0)           # no parameters, no state_dict entries
+
+    def forward(self, x):
+        x = F.conv2d(x, self.weight.to(x.dtype), None, padding=self.padding)  # [B,Cout,H+2p-2,..]
+        return self.down(x) + self.bias.to(x.dtype)[:, None, None]
 
 class Block(nn.Module):
     """Residual block with the embedding added after the first conv, optional resampling and attention."""
@@ -344,7 +359,7 @@ class Block(nn.Module):
         return x
 
 class UNet(nn.Module):
-    """DDPM++ or NCSN++ U-Net: F(x [B,C,H,W], c_noise [B], labels [B,L]) -> [B,C',H,W]."""
+    """DDPM++ or NCSN++ U-Net: F(x [B,C,H,W], c_noise [B], labels [B,L] or [B] ints) -> [B,C',H,W]."""
     def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, model_channels=128,
                  channel_mult=(2, 2, 2), num_blocks=2, attn_resolutions=(16,), dropout=0.13,
                  arch='ddpmpp', embedding=None, skips=None):
@@ -364,6 +379,12 @@ class UNet(nn.Module):
         if len(skips) != num_skips or set(skips) - {0, 1}:
             raise ValueError(f'skips must be {num_skips} values of 0/1 (one per encoder output), '
                              f'got {skips}')
+        # The constructor's arguments, enough to rebuild this network (save_network, load_network).
+        self.config = dict(img_resolution=img_resolution, in_channels=in_channels,
+                           out_channels=out_channels, label_dim=label_dim,
+                           model_channels=model_channels, channel_mult=list(channel_mult),
+                           num_blocks=num_blocks, attn_resolutions=list(attn_resolutions),
+                           dropout=dropout, arch=arch, embedding=embedding, skips=list(skips))
         self.label_dim, self.img_resolution = label_dim, img_resolution
         self.in_channels, self.out_channels = in_channels, out_channels
         self.arch, self.embedding, self.skips = arch, embedding, skips
@@ -394,8 +415,7 @@ class UNet(nn.Module):
             else:
                 self.enc[f'{res}_down'] = Block(cout, cout, down=True, **block)
                 if arch == 'ncsnpp':
-                    self.aux[f'{res}'] = nn.Sequential(_init(nn.Conv2d(caux, cout, 3, padding=1)),
-                                                       Resample('down', taps))
+                    self.aux[f'{res}'] = _init(DownConv(caux, cout, taps))
                     caux = cout
             skip_channels.append(cout)
             for i in range(num_blocks):
@@ -421,6 +441,21 @@ class UNet(nn.Module):
         self.out_norm = _group_norm(cout)
         self.out_conv = _init(nn.Conv2d(cout, out_channels, 3, padding=1), 1e-5)
 
+    def label_embedding(self, class_labels, batch):
+        """Linear(one_hot * sqrt(L)) of labels: one-hot/float rows [B, L] or class indices [B] -> [B, noise]."""
+        W, b = self.map_label.weight, self.map_label.bias   # [noise, L], [noise]
+        if class_labels is None:                            # unconditional call: all-zero label
+            return b.expand(batch, -1)
+        if class_labels.is_floating_point():
+            return self.map_label(class_labels.to(W.dtype) * math.sqrt(self.label_dim))
+        # Class indices: the product with a one-hot row is a column of W, so gather the columns
+        # instead of building a [B, L] one-hot (L = |D| = 50,000 with the study's unique labels).
+        labels = class_labels.reshape(-1).long()
+        if len(labels) and (labels.min() < 0 or labels.max() >= self.label_dim):
+            raise ValueError(f'class indices must lie in [0, {self.label_dim}), got '
+                             f'{int(labels.min())}..{int(labels.max())}')
+        return W.t()[labels] * math.sqrt(self.label_dim) + b
+
     def forward(self, x, noise_labels, class_labels=None):
         # Mapping: [cos, sin] of c_noise * frequencies, halves swapped (sin first), + label, 2-layer MLP.
         c = noise_labels.to(torch.float32).reshape(-1)
@@ -429,9 +464,7 @@ class UNet(nn.Module):
         arg = c.outer(f)                                    # [B, K]
         emb = torch.cat([arg.sin(), arg.cos()], dim=1)      # [B, noise_channels]
         if self.map_label is not None:
-            if class_labels is None:                        # unconditional call: all-zero label
-                class_labels = x.new_zeros(x.shape[0], self.label_dim)
-            emb = emb + self.map_label(class_labels.to(emb.dtype) * math.sqrt(self.label_dim))
+            emb = emb + self.label_embedding(class_labels, x.shape[0]).to(emb.dtype)
         emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))  # [B, 4 * model_channels]
 
         # Encoder.
@@ -452,7 +485,8 @@ class UNet(nn.Module):
 
 #----------------------------------------------------------------------------
 # 3. Preconditioning [2, Table 1]: D(x; sigma) = c_skip x + c_out F(c_in x; c_noise), with the network
-# boundary in float32. Class labels enter as one-hot rows.
+# boundary in float32. Class labels enter as one-hot rows or as class indices (the network then
+# gathers columns of its label layer, no one-hot is built).
 
 def vp_sigma(t, beta_d=19.9, beta_min=0.1):
     """VP noise level sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
@@ -465,14 +499,25 @@ def vp_sigma_inv(sigma, beta_d=19.9, beta_min=0.1):
     return ((beta_min ** 2 + 2 * beta_d * sigma.square().log1p()).sqrt() - beta_min) / beta_d
 
 class Precond(nn.Module):
-    """D(x [B,C,H,W], sigma [B] or float, labels [B,L]) -> denoised [B,C,H,W] (float32), EDM/VP/VE."""
-    def __init__(self, net, kind='edm', sigma_data=0.5, beta_d=19.9, beta_min=0.1, M=1000):
+    """D(x [B,C,H,W], sigma [B] or float, labels [B,L] or [B] ints) -> denoised [B,C,H,W] (float32).
+
+    sigma_min, sigma_max: the noise levels the network supports, EDM's names and values (VE: the
+    training range [0.02, 100]; VP: [sigma(epsilon_t), sigma(1)]; EDM: [0, inf]); samplers clamp to them.
+    """
+    def __init__(self, net, kind='edm', sigma_data=0.5, beta_d=19.9, beta_min=0.1, M=1000,
+                 epsilon_t=1e-5, sigma_min=None, sigma_max=None):
         super().__init__()
         if kind not in ('edm', 'vp', 've'):
             raise ValueError(f"precond kind must be 'edm', 'vp' or 've', got {kind!r}")
         self.net, self.kind, self.sigma_data = net, kind, sigma_data
-        self.beta_d, self.beta_min, self.M = beta_d, beta_min, M
+        self.beta_d, self.beta_min, self.M, self.epsilon_t = beta_d, beta_min, M, epsilon_t
         self.label_dim = getattr(net, 'label_dim', 0)
+        if kind == 'vp':                                    # t in [epsilon_t, 1] during training
+            default = (float(vp_sigma(epsilon_t, beta_d, beta_min)), float(vp_sigma(1.0, beta_d, beta_min)))
+        else:
+            default = (0.02, 100.0) if kind == 've' else (0.0, float('inf'))
+        self.sigma_min = default[0] if sigma_min is None else float(sigma_min)
+        self.sigma_max = default[1] if sigma_max is None else float(sigma_max)
 
     def coefficients(self, sigma):
         """(c_skip, c_out, c_in, c_noise) at noise level sigma (tensor)."""
@@ -499,7 +544,7 @@ class Precond(nn.Module):
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        if class_labels is not None:
+        if class_labels is not None and class_labels.is_floating_point():  # indices pass as they are
             class_labels = class_labels.to(torch.float32)
         F_x = self.net(c_in * x, c_noise.flatten(), class_labels)
         return c_skip * x + c_out * F_x.to(torch.float32)
