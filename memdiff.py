@@ -496,7 +496,9 @@ def vp_sigma(t, beta_d=19.9, beta_min=0.1):
 def vp_sigma_inv(sigma, beta_d=19.9, beta_min=0.1):
     """Inverse of vp_sigma: t(sigma)."""
     sigma = torch.as_tensor(sigma)
-    return ((beta_min ** 2 + 2 * beta_d * sigma.square().log1p()).sqrt() - beta_min) / beta_d
+    # ln(1 + sigma^2) as EDM rounds it in float32 (not log1p): the study's VP networks were trained
+    # on these c_noise values, and log1p moves D(x; sigma) by ~1e-5 at sigma ~ 0.05.
+    return ((beta_min ** 2 + 2 * beta_d * (1 + sigma ** 2).log()).sqrt() - beta_min) / beta_d
 
 class Precond(nn.Module):
     """D(x [B,C,H,W], sigma [B] or float, labels [B,L] or [B] ints) -> denoised [B,C,H,W] (float32).
@@ -1317,3 +1319,264 @@ def close_distributed():
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+#----------------------------------------------------------------------------
+# Appendix: reading the study's snapshots. The study's training loop (EDM's) pickles
+# dict(ema=VPPrecond | VEPrecond | EDMPrecond holding a SongUNet as .model, loss_fn=..., augment_pipe=...,
+# dataset_kwargs=...) to network-snapshot-*.pkl. EDM's classes pickle the source code of their module
+# and unpickling them execs it (EDM's torch_utils/persistence.py). memdiff never runs code from a
+# file: a restricted unpickler turns each such object into a record of its class name, constructor
+# arguments and tensors, and memdiff rebuilds its own UNet and Precond from those.
+
+import collections                                      # (used by this appendix only)
+import re
+import warnings
+
+class _Record:
+    """A pickled module as data: class name, constructor arguments and state (tensors, children)."""
+    class_name, init_args, init_kwargs, state = '?', (), {}, {}
+
+    def __setstate__(self, state):                      # torch containers (ModuleDict) get BUILD
+        if not isinstance(state, dict):
+            raise pickle.UnpicklingError(f'{self.class_name} state is a {type(state).__name__}')
+        self.state = state
+
+def _container_record(name):
+    """Stand-in class for a torch container module, unpickled as a _Record named `name`."""
+    return type(f'_{name}Record', (_Record,), dict(class_name=name))
+
+def _persistent_record(meta):
+    """Stand-in for EDM's persistence._reconstruct_persistent_obj(meta): a record, code never run."""
+    if not isinstance(meta, dict) or not isinstance(meta.get('class_name'), str) \
+            or not isinstance(meta.get('state'), dict):
+        raise pickle.UnpicklingError('a persistent object without class_name and state')
+    record = _Record()                                  # meta['module_src'] is dropped unread
+    record.class_name, record.state = meta['class_name'], dict(meta['state'])
+    record.init_args = tuple(record.state.get('_init_args') or ())
+    record.init_kwargs = dict(record.state.get('_init_kwargs') or {})
+    return record
+
+def _storage_from_bytes(data):
+    """Stand-in for torch.storage._load_from_bytes, which runs a full torch.load on nested bytes."""
+    if not isinstance(data, bytes):
+        raise pickle.UnpicklingError(f'storage bytes expected, got {type(data).__name__}')
+    return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+
+def _numpy_scalar(dtype, data):
+    """numpy's scalar(dtype, bytes) for plain numbers only (EDM keeps skip_scale = np.sqrt(0.5))."""
+    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes):
+        raise pickle.UnpicklingError('only numeric numpy scalars can be read')
+    return np.frombuffer(data, dtype, count=1)[0].item()
+
+# Everything a network-snapshot pickle may name, found by pickling EDM's and DiffMemorize's objects
+# (torch 2.x, numpy 1 and 2); each maps to a function that builds data, never to one that runs code.
+_SNAPSHOT_GLOBALS = {
+    ('torch_utils.persistence', '_reconstruct_persistent_obj'): _persistent_record,
+    ('torch.nn.modules.container', 'ModuleDict'): _container_record('ModuleDict'),
+    ('torch.nn.modules.container', 'ModuleList'): _container_record('ModuleList'),
+    ('torch.nn.modules.container', 'Sequential'): _container_record('Sequential'),
+    ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
+    ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
+    ('torch.storage', '_load_from_bytes'): _storage_from_bytes,
+    ('collections', 'OrderedDict'): collections.OrderedDict,
+    ('numpy', 'dtype'): np.dtype,
+    ('numpy.core.multiarray', 'scalar'): _numpy_scalar,
+    ('numpy._core.multiarray', 'scalar'): _numpy_scalar,
+    ('dnnlib.util', 'EasyDict'): dict,                  # EDM's attribute dict, read as a dict
+    ('builtins', 'set'): set,
+    ('builtins', 'frozenset'): frozenset,
+}
+
+class _SnapshotUnpickler(pickle.Unpickler):
+    """Unpickles data only: names outside _SNAPSHOT_GLOBALS raise ValueError before anything runs."""
+    def __init__(self, file, path):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module, name):
+        if (module, name) in _SNAPSHOT_GLOBALS:
+            return _SNAPSHOT_GLOBALS[module, name]
+        raise ValueError(f'{self.path}: refuses to load {module}.{name}: a network snapshot holds '
+                         'tensors and constructor arguments; memdiff runs no code from a file')
+
+def _record_tensors(record, prefix=''):
+    """name -> tensor of every parameter and buffer under a record, named as in state_dict()."""
+    out = {}
+    for group in ('_parameters', '_buffers'):
+        for name, value in (record.state.get(group) or {}).items():
+            if value is not None:
+                if not isinstance(value, torch.Tensor):
+                    raise pickle.UnpicklingError(f'{prefix}{name} is a {type(value).__name__}')
+                out[prefix + name] = value.detach()
+    for name, child in (record.state.get('_modules') or {}).items():
+        if child is not None:
+            if not isinstance(child, _Record):
+                raise pickle.UnpicklingError(f'{prefix}{name} is a {type(child).__name__}')
+            out.update(_record_tensors(child, f'{prefix}{name}.'))
+    return out
+
+def _edm_state_to_memdiff(state):
+    """EDM SongUNet state_dict -> memdiff UNet state_dict: names, and q, k, v de-interleaved."""
+    out = {}
+    for name, t in state.items():
+        parts = name.split('.')
+        if parts[-1] == 'resample_filter' or parts[0] == 'map_augment':
+            continue                                    # fixed by the taps / unused at sampling
+        if parts[0] == 'map_noise':                     # FourierEmbedding's frequencies
+            parts = parts[1:]
+        elif parts[0] in ('enc', 'dec'):
+            m = re.fullmatch(r'(\d+)x\1_(\w+)', parts[1])
+            if m is None:
+                raise ValueError(f'unexpected layer {name}')
+            res, layer = m.groups()
+            head = {'aux_residual': ['aux', res], 'aux_norm': ['out_norm'],
+                    'aux_conv': ['out_conv']}.get(layer, [parts[0], f'{res}_{layer}'])
+            parts = head + parts[2:]
+        if parts[-2:-1] == ['qkv']:                     # EDM: channel 3c + j holds q/k/v (j) of c
+            C = t.shape[0] // 3
+            t = t.reshape(C, 3, *t.shape[1:]).transpose(0, 1).reshape(t.shape)  # -> [q; k; v]
+        out['.'.join(parts)] = t
+    return out
+
+def _load_edm_state(net, state, source):
+    """Copy an EDM SongUNet state_dict into memdiff's UNet, every tensor accounted for."""
+    state = _edm_state_to_memdiff(state)
+    own = net.state_dict()
+    optional = {'freqs'} if net.embedding == 'positional' else set()  # EDM computes them on the fly
+    missing, unexpected = set(own) - set(state) - optional, set(state) - set(own)
+    bad = [k for k in set(state) & set(own) if state[k].shape != own[k].shape]
+    if missing or unexpected or bad:
+        _fail(source, f'the stored network does not fit memdiff\'s U-Net: missing {sorted(missing)}, '
+              f'unexpected {sorted(unexpected)}, wrong shapes {sorted(bad)}')
+    net.load_state_dict(state, strict=False)
+    return net
+
+_REQUIRED = object()
+# EDM's SongUNet signature in order (DiffMemorize adds skip_connections), with its defaults.
+_SONG_UNET_SIGNATURE = dict(
+    img_resolution=_REQUIRED, in_channels=_REQUIRED, out_channels=_REQUIRED, label_dim=0,
+    augment_dim=0, model_channels=128, channel_mult=[1, 2, 2, 2], channel_mult_emb=4, num_blocks=4,
+    attn_resolutions=[16], dropout=0.10, label_dropout=0, embedding_type='positional',
+    channel_mult_noise=1, encoder_type='standard', decoder_type='standard', resample_filter=[1, 1],
+    skip_connections=None)
+# EDM's preconditioning signatures in order: memdiff kind, then arguments and defaults.
+_PRECOND_SIGNATURES = {
+    'VPPrecond': ('vp', dict(img_resolution=_REQUIRED, img_channels=_REQUIRED, label_dim=0,
+                             use_fp16=False, beta_d=19.9, beta_min=0.1, M=1000, epsilon_t=1e-5,
+                             model_type='SongUNet')),
+    'VEPrecond': ('ve', dict(img_resolution=_REQUIRED, img_channels=_REQUIRED, label_dim=0,
+                             use_fp16=False, sigma_min=0.02, sigma_max=100, model_type='SongUNet')),
+    'EDMPrecond': ('edm', dict(img_resolution=_REQUIRED, img_channels=_REQUIRED, label_dim=0,
+                               use_fp16=False, sigma_min=0, sigma_max=float('inf'),
+                               sigma_data=0.5, model_type='DhariwalUNet')),
+}
+
+def _arguments(record, signature, source, model_kwargs=False):
+    """A record's constructor arguments bound to a signature (an ordered dict of defaults)."""
+    if len(record.init_args) > len(signature):
+        _fail(source, f'{record.class_name} has {len(record.init_args)} positional arguments')
+    kwargs = dict(zip(signature, record.init_args))
+    unknown = set(record.init_kwargs) - set(signature)
+    if unknown and not model_kwargs:                    # a Precond passes the rest to its model
+        _fail(source, f'{record.class_name} has arguments memdiff does not implement: {sorted(unknown)}')
+    kwargs = {**signature, **kwargs, **record.init_kwargs}
+    absent = [k for k, v in kwargs.items() if v is _REQUIRED]
+    if absent:
+        _fail(source, f'{record.class_name} was stored without {absent}')
+    return kwargs
+
+def _unet_from_edm(record, source):
+    """memdiff's UNet with the weights of an EDM/DiffMemorize SongUNet record."""
+    kw = _arguments(record, _SONG_UNET_SIGNATURE, source)
+    # memdiff implements the two SongUNet configurations of the study, and nothing in between.
+    arch = {('standard', (1, 1), 1): 'ddpmpp', ('residual', (1, 3, 3, 1), 2): 'ncsnpp'}.get(
+        (kw['encoder_type'], tuple(kw['resample_filter']), kw['channel_mult_noise']))
+    if arch is None or kw['decoder_type'] != 'standard' or kw['channel_mult_emb'] != 4:
+        _fail(source, f"SongUNet with encoder_type={kw['encoder_type']!r}, "
+              f"decoder_type={kw['decoder_type']!r}, resample_filter={kw['resample_filter']}, "
+              f"channel_mult_noise={kw['channel_mult_noise']}, channel_mult_emb="
+              f"{kw['channel_mult_emb']}: memdiff implements DDPM++ ('standard', [1, 1], 1) and "
+              "NCSN++ ('residual', [1, 3, 3, 1], 2), decoder 'standard', channel_mult_emb 4")
+    # augment_dim and label_dropout act only in training (no augmentation labels at sampling).
+    try:
+        net = UNet(kw['img_resolution'], kw['in_channels'], kw['out_channels'],
+                   label_dim=kw['label_dim'], model_channels=kw['model_channels'],
+                   channel_mult=tuple(kw['channel_mult']), num_blocks=kw['num_blocks'],
+                   attn_resolutions=tuple(kw['attn_resolutions']), dropout=kw['dropout'],
+                   arch=arch, embedding=kw['embedding_type'], skips=kw['skip_connections'] or None)
+    except ValueError as e:
+        _fail(source, f'SongUNet arguments memdiff cannot build: {e}')
+    return _load_edm_state(net, _record_tensors(record), source)
+
+def _precond_from_edm(record, source):
+    """memdiff's Precond(UNet) from an EDM VPPrecond / VEPrecond / EDMPrecond record."""
+    if record.class_name not in _PRECOND_SIGNATURES:
+        _fail(source, f'the network is a {record.class_name}; memdiff reads VPPrecond, VEPrecond '
+              'and EDMPrecond')
+    kind, signature = _PRECOND_SIGNATURES[record.class_name]
+    kw = _arguments(record, signature, source, model_kwargs=True)
+    model = (record.state.get('_modules') or {}).get('model')
+    name = getattr(model, 'class_name', type(model).__name__)
+    if not isinstance(model, _Record) or name != 'SongUNet':
+        _fail(source, f'the network inside {record.class_name} is a {name}; memdiff implements '
+              'SongUNet (DDPM++ / NCSN++) only')
+    net = _unet_from_edm(model, source)
+    if net.label_dim != kw['label_dim']:
+        _fail(source, f"label_dim {kw['label_dim']} of {record.class_name} and {net.label_dim} "
+              'of its SongUNet differ')
+    if kw['use_fp16']:
+        warnings.warn(f'{source}: stored with use_fp16=True; memdiff evaluates it in float32 '
+                      '(EDM runs such a network in float16 on a GPU)')
+    if kind == 'vp':
+        precond = Precond(net, 'vp', beta_d=kw['beta_d'], beta_min=kw['beta_min'], M=kw['M'],
+                          epsilon_t=kw['epsilon_t'])
+    else:
+        precond = Precond(net, kind, sigma_data=kw.get('sigma_data', 0.5),
+                          sigma_min=kw['sigma_min'], sigma_max=kw['sigma_max'])
+    return precond.eval().requires_grad_(False)
+
+def save_network(precond, path):
+    """Write a Precond(UNet) to path as a memdiff network file (settings and tensors, no code)."""
+    net = precond.net
+    settings = dict(kind=precond.kind, sigma_data=precond.sigma_data, beta_d=precond.beta_d,
+                    beta_min=precond.beta_min, M=precond.M, epsilon_t=precond.epsilon_t,
+                    sigma_min=precond.sigma_min, sigma_max=precond.sigma_max)
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    torch.save(dict(format='memdiff-network', version=1, unet=net.config, precond=settings,
+                    state=state), path)
+
+def _load_memdiff_network(path):
+    """Precond(UNet) from a save_network file, read with torch.load(weights_only=True)."""
+    try:
+        data = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:                              # torch raises several kinds here
+        _fail(path, f'not a readable memdiff network file ({type(e).__name__}: {e})')
+    if not isinstance(data, dict) or data.get('format') != 'memdiff-network':
+        _fail(path, 'is a torch file but not a memdiff network (save_network writes those)')
+    net = UNet(**data['unet'])
+    net.load_state_dict(data['state'])
+    return Precond(net, **data['precond']).eval().requires_grad_(False)
+
+def load_network(path):
+    """Denoiser (x, sigma, class_labels) -> D(x; sigma): memdiff's Precond(UNet) in eval mode.
+
+    Reads the study's (EDM's) network-snapshot-*.pkl, its 'ema' entry, without the study's code and
+    without running any code from the file; or a file written by save_network.
+    """
+    path = Path(path)
+    if not path.is_file():
+        _fail(path, 'no such file')
+    if zipfile.is_zipfile(path):                        # torch.save's format: memdiff's own file
+        return _load_memdiff_network(path)
+    with open(path, 'rb') as f:
+        try:
+            data = _SnapshotUnpickler(f, path).load()
+        except ValueError:
+            raise
+        except Exception as e:                          # truncated or foreign pickles
+            _fail(path, f'not a readable network snapshot ({type(e).__name__}: {e})')
+    ema = data.get('ema') if isinstance(data, dict) else data
+    if not isinstance(ema, _Record):
+        _fail(path, "holds no EDM network (expected the study's network-snapshot-*.pkl, a dict "
+              "whose 'ema' entry is a VPPrecond, VEPrecond or EDMPrecond)")
+    return _precond_from_edm(ema, path)
