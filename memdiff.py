@@ -1506,7 +1506,11 @@ def _unet_from_edm(record, source):
                    arch=arch, embedding=kw['embedding_type'], skips=kw['skip_connections'] or None)
     except ValueError as e:
         _fail(source, f'SongUNet arguments memdiff cannot build: {e}')
-    return _load_edm_state(net, _record_tensors(record), source)
+    try:
+        tensors = _record_tensors(record)
+    except pickle.UnpicklingError as e:
+        _fail(source, f'the stored SongUNet holds something other than tensors: {e}')
+    return _load_edm_state(net, tensors, source)
 
 def _precond_from_edm(record, source):
     """memdiff's Precond(UNet) from an EDM VPPrecond / VEPrecond / EDMPrecond record."""
