@@ -24,7 +24,6 @@ References:
   [4] E. B. Wilson. Probable inference, the law of succession, and statistical inference. JASA 1927.
 """
 
-import contextlib
 import copy
 import gzip
 import io
@@ -293,12 +292,13 @@ def _group_norm(channels):
 
 class Resample(nn.Module):
     """2x up- or down-sampling with a separable FIR filter (taps [1,1] = average pool / nearest)."""
-    def __init__(self, mode, taps=(1, 1)):
+    def __init__(self, mode, taps=(1, 1), pad=None):
         super().__init__()
         f = torch.as_tensor(taps, dtype=torch.float32)
         self.register_buffer('f', f.outer(f) / f.sum().square(), persistent=False)  # sums to 1
-        self.mode, self.pad = mode, (len(taps) - 1) // 2
-        self.box = tuple(taps) == (1, 1)
+        self.mode = mode
+        self.pad = (len(taps) - 1) // 2 if pad is None else pad
+        self.box = tuple(taps) == (1, 1) and self.pad == 0
 
     def forward(self, x):
         if self.box:                                        # fused kernels for the DDPM++ filter
@@ -308,6 +308,20 @@ class Resample(nn.Module):
         if self.mode == 'down':
             return F.conv2d(x, w, groups=C, stride=2, padding=self.pad)
         return F.conv_transpose2d(x, w * 4, groups=C, stride=2, padding=self.pad)
+
+class DownConv(nn.Conv2d):
+    """EDM's fused down-sampling 3x3 conv (NCSN++'s residual input path): [B,Cin,H,W] -> [B,Cout,H/2,W/2].
+
+    Convolve with padding 1 + (taps - 1)//2 (no bias), filter with stride 2 and no padding, add the
+    bias last. Conv-then-Resample would pad twice with zeros and differ at the borders.
+    """
+    def __init__(self, cin, cout, taps=(1, 3, 3, 1)):
+        super().__init__(cin, cout, 3, padding=1 + (len(taps) - 1) // 2)
+        self.down = Resample('down', taps, pad=0)           # no parameters, no state_dict entries
+
+    def forward(self, x):
+        x = F.conv2d(x, self.weight.to(x.dtype), None, padding=self.padding)  # [B,Cout,H+2p-2,..]
+        return self.down(x) + self.bias.to(x.dtype)[:, None, None]
 
 class Block(nn.Module):
     """Residual block with the embedding added after the first conv, optional resampling and attention."""
@@ -344,7 +358,7 @@ class Block(nn.Module):
         return x
 
 class UNet(nn.Module):
-    """DDPM++ or NCSN++ U-Net: F(x [B,C,H,W], c_noise [B], labels [B,L]) -> [B,C',H,W]."""
+    """DDPM++ or NCSN++ U-Net: F(x [B,C,H,W], c_noise [B], labels [B,L] or [B] ints) -> [B,C',H,W]."""
     def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, model_channels=128,
                  channel_mult=(2, 2, 2), num_blocks=2, attn_resolutions=(16,), dropout=0.13,
                  arch='ddpmpp', embedding=None, skips=None):
@@ -364,6 +378,12 @@ class UNet(nn.Module):
         if len(skips) != num_skips or set(skips) - {0, 1}:
             raise ValueError(f'skips must be {num_skips} values of 0/1 (one per encoder output), '
                              f'got {skips}')
+        # The constructor's arguments, enough to rebuild this network (save_network, load_network).
+        self.config = dict(img_resolution=img_resolution, in_channels=in_channels,
+                           out_channels=out_channels, label_dim=label_dim,
+                           model_channels=model_channels, channel_mult=list(channel_mult),
+                           num_blocks=num_blocks, attn_resolutions=list(attn_resolutions),
+                           dropout=dropout, arch=arch, embedding=embedding, skips=list(skips))
         self.label_dim, self.img_resolution = label_dim, img_resolution
         self.in_channels, self.out_channels = in_channels, out_channels
         self.arch, self.embedding, self.skips = arch, embedding, skips
@@ -394,8 +414,7 @@ class UNet(nn.Module):
             else:
                 self.enc[f'{res}_down'] = Block(cout, cout, down=True, **block)
                 if arch == 'ncsnpp':
-                    self.aux[f'{res}'] = nn.Sequential(_init(nn.Conv2d(caux, cout, 3, padding=1)),
-                                                       Resample('down', taps))
+                    self.aux[f'{res}'] = _init(DownConv(caux, cout, taps))
                     caux = cout
             skip_channels.append(cout)
             for i in range(num_blocks):
@@ -421,6 +440,21 @@ class UNet(nn.Module):
         self.out_norm = _group_norm(cout)
         self.out_conv = _init(nn.Conv2d(cout, out_channels, 3, padding=1), 1e-5)
 
+    def label_embedding(self, class_labels, batch):
+        """Linear(one_hot * sqrt(L)) of labels: one-hot/float rows [B, L] or class indices [B] -> [B, noise]."""
+        W, b = self.map_label.weight, self.map_label.bias   # [noise, L], [noise]
+        if class_labels is None:                            # unconditional call: all-zero label
+            return b.expand(batch, -1)
+        if class_labels.is_floating_point():
+            return self.map_label(class_labels.to(W.dtype) * math.sqrt(self.label_dim))
+        # Class indices: the product with a one-hot row is a column of W, so gather the columns
+        # instead of building a [B, L] one-hot (L = |D| = 50,000 with the study's unique labels).
+        labels = class_labels.reshape(-1).long()
+        if len(labels) and (labels.min() < 0 or labels.max() >= self.label_dim):
+            raise ValueError(f'class indices must lie in [0, {self.label_dim}), got '
+                             f'{int(labels.min())}..{int(labels.max())}')
+        return W.t()[labels] * math.sqrt(self.label_dim) + b
+
     def forward(self, x, noise_labels, class_labels=None):
         # Mapping: [cos, sin] of c_noise * frequencies, halves swapped (sin first), + label, 2-layer MLP.
         c = noise_labels.to(torch.float32).reshape(-1)
@@ -429,9 +463,7 @@ class UNet(nn.Module):
         arg = c.outer(f)                                    # [B, K]
         emb = torch.cat([arg.sin(), arg.cos()], dim=1)      # [B, noise_channels]
         if self.map_label is not None:
-            if class_labels is None:                        # unconditional call: all-zero label
-                class_labels = x.new_zeros(x.shape[0], self.label_dim)
-            emb = emb + self.map_label(class_labels.to(emb.dtype) * math.sqrt(self.label_dim))
+            emb = emb + self.label_embedding(class_labels, x.shape[0]).to(emb.dtype)
         emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))  # [B, 4 * model_channels]
 
         # Encoder.
@@ -452,7 +484,8 @@ class UNet(nn.Module):
 
 #----------------------------------------------------------------------------
 # 3. Preconditioning [2, Table 1]: D(x; sigma) = c_skip x + c_out F(c_in x; c_noise), with the network
-# boundary in float32. Class labels enter as one-hot rows.
+# boundary in float32. Class labels enter as one-hot rows or as class indices (the network then
+# gathers columns of its label layer, no one-hot is built).
 
 def vp_sigma(t, beta_d=19.9, beta_min=0.1):
     """VP noise level sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
@@ -462,25 +495,31 @@ def vp_sigma(t, beta_d=19.9, beta_min=0.1):
 def vp_sigma_inv(sigma, beta_d=19.9, beta_min=0.1):
     """Inverse of vp_sigma: t(sigma)."""
     sigma = torch.as_tensor(sigma)
-    return ((beta_min ** 2 + 2 * beta_d * sigma.square().log1p()).sqrt() - beta_min) / beta_d
+    # ln(1 + sigma^2) as EDM rounds it in float32 (not log1p): the study's VP networks were trained
+    # on these c_noise values, and log1p moves D(x; sigma) by ~1e-5 at sigma ~ 0.05.
+    return ((beta_min ** 2 + 2 * beta_d * (1 + sigma ** 2).log()).sqrt() - beta_min) / beta_d
 
 class Precond(nn.Module):
-    """D(x [B,C,H,W], sigma [B] or float, labels [B,L]) -> denoised [B,C,H,W] (float32), EDM/VP/VE."""
+    """D(x [B,C,H,W], sigma [B] or float, labels [B,L] or [B] ints) -> denoised [B,C,H,W] (float32).
+
+    sigma_min, sigma_max: the noise levels the network supports, EDM's names and values (VE: the
+    training range [0.02, 100]; VP: [sigma(epsilon_t), sigma(1)]; EDM: [0, inf]); samplers clamp to them.
+    """
     def __init__(self, net, kind='edm', sigma_data=0.5, beta_d=19.9, beta_min=0.1, M=1000,
-                 epsilon_t=1e-5, sigma_min=0.02, sigma_max=100):
+                 epsilon_t=1e-5, sigma_min=None, sigma_max=None):
         super().__init__()
         if kind not in ('edm', 'vp', 've'):
             raise ValueError(f"precond kind must be 'edm', 'vp' or 've', got {kind!r}")
         self.net, self.kind, self.sigma_data = net, kind, sigma_data
         self.beta_d, self.beta_min, self.M, self.epsilon_t = beta_d, beta_min, M, epsilon_t
         self.label_dim = getattr(net, 'label_dim', 0)
-        # The noise levels the network is trained on; the sampler stays inside them.
-        if kind == 'vp':                                    # [sigma(epsilon_t), sigma(1)]
-            sigma_min, sigma_max = (float(vp_sigma(torch.tensor(t, device='cpu'), beta_d, beta_min))
-                                    for t in (epsilon_t, 1.0))
-        elif kind == 'edm':
-            sigma_min, sigma_max = 0.0, math.inf
-        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        if kind == 'vp':                                    # t in [epsilon_t, 1] during training
+            default = tuple(float(vp_sigma(torch.tensor(t, device='cpu'), beta_d, beta_min))
+                            for t in (epsilon_t, 1.0))  # float32, as EDM
+        else:
+            default = (0.02, 100.0) if kind == 've' else (0.0, float('inf'))
+        self.sigma_min = default[0] if sigma_min is None else float(sigma_min)
+        self.sigma_max = default[1] if sigma_max is None else float(sigma_max)
 
     def loss_constants(self):
         """Keyword arguments of this preconditioning's loss: its sigma_data, beta or sigma range."""
@@ -515,7 +554,7 @@ class Precond(nn.Module):
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        if class_labels is not None:
+        if class_labels is not None and class_labels.is_floating_point():  # indices pass as they are
             class_labels = class_labels.to(torch.float32)
         F_x = self.net(c_in * x, c_noise.flatten(), class_labels)
         return c_skip * x + c_out * F_x.to(torch.float32)
@@ -1150,3 +1189,268 @@ def summarize(points, threshold=0.9):
         return dict(emm=emm, crossing=None)
     rp, (nf, rf) = dict(pts)[emm], above[0]
     return dict(emm=emm, crossing=emm + (rp - threshold) / (rp - rf) * (nf - emm))
+
+#----------------------------------------------------------------------------
+# Appendix: reading the study's snapshots. The study's training loop (EDM's) pickles
+# dict(ema=VPPrecond | VEPrecond | EDMPrecond holding a SongUNet as .model, loss_fn=..., augment_pipe=...,
+# dataset_kwargs=...) to network-snapshot-*.pkl. EDM's classes pickle the source code of their module
+# and unpickling them execs it (EDM's torch_utils/persistence.py). memdiff never runs code from a
+# file: a restricted unpickler turns each such object into a record of its class name, constructor
+# arguments and tensors, and memdiff rebuilds its own UNet and Precond from those.
+
+import collections                                      # (used by this appendix only)
+import re
+import warnings
+
+class _Record:
+    """A pickled module as data: class name, constructor arguments and state (tensors, children)."""
+    class_name, init_args, init_kwargs, state = '?', (), {}, {}
+
+    def __setstate__(self, state):                      # torch containers (ModuleDict) get BUILD
+        if not isinstance(state, dict):
+            raise pickle.UnpicklingError(f'{self.class_name} state is a {type(state).__name__}')
+        self.state = state
+
+def _container_record(name):
+    """Stand-in class for a torch container module, unpickled as a _Record named `name`."""
+    return type(f'_{name}Record', (_Record,), dict(class_name=name))
+
+def _persistent_record(meta):
+    """Stand-in for EDM's persistence._reconstruct_persistent_obj(meta): a record, code never run."""
+    if not isinstance(meta, dict) or not isinstance(meta.get('class_name'), str) \
+            or not isinstance(meta.get('state'), dict):
+        raise pickle.UnpicklingError('a persistent object without class_name and state')
+    record = _Record()                                  # meta['module_src'] is dropped unread
+    record.class_name, record.state = meta['class_name'], dict(meta['state'])
+    record.init_args = tuple(record.state.get('_init_args') or ())
+    record.init_kwargs = dict(record.state.get('_init_kwargs') or {})
+    return record
+
+def _storage_from_bytes(data):
+    """Stand-in for torch.storage._load_from_bytes, which runs a full torch.load on nested bytes."""
+    if not isinstance(data, bytes):
+        raise pickle.UnpicklingError(f'storage bytes expected, got {type(data).__name__}')
+    return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+
+def _numpy_scalar(dtype, data):
+    """numpy's scalar(dtype, bytes) for plain numbers only (EDM keeps skip_scale = np.sqrt(0.5))."""
+    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes):
+        raise pickle.UnpicklingError('only numeric numpy scalars can be read')
+    return np.frombuffer(data, dtype, count=1)[0].item()
+
+# Everything a network-snapshot pickle may name, found by pickling EDM's and DiffMemorize's objects
+# (torch 2.x, numpy 1 and 2); each maps to a function that builds data, never to one that runs code.
+_SNAPSHOT_GLOBALS = {
+    ('torch_utils.persistence', '_reconstruct_persistent_obj'): _persistent_record,
+    ('torch.nn.modules.container', 'ModuleDict'): _container_record('ModuleDict'),
+    ('torch.nn.modules.container', 'ModuleList'): _container_record('ModuleList'),
+    ('torch.nn.modules.container', 'Sequential'): _container_record('Sequential'),
+    ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
+    ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
+    ('torch.storage', '_load_from_bytes'): _storage_from_bytes,
+    ('collections', 'OrderedDict'): collections.OrderedDict,
+    ('numpy', 'dtype'): np.dtype,
+    ('numpy.core.multiarray', 'scalar'): _numpy_scalar,
+    ('numpy._core.multiarray', 'scalar'): _numpy_scalar,
+    ('dnnlib.util', 'EasyDict'): dict,                  # EDM's attribute dict, read as a dict
+    ('builtins', 'set'): set,
+    ('builtins', 'frozenset'): frozenset,
+}
+
+class _SnapshotUnpickler(pickle.Unpickler):
+    """Unpickles data only: names outside _SNAPSHOT_GLOBALS raise ValueError before anything runs."""
+    def __init__(self, file, path):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module, name):
+        if (module, name) in _SNAPSHOT_GLOBALS:
+            return _SNAPSHOT_GLOBALS[module, name]
+        raise ValueError(f'{self.path}: refuses to load {module}.{name}: a network snapshot holds '
+                         'tensors and constructor arguments; memdiff runs no code from a file')
+
+def _record_tensors(record, prefix=''):
+    """name -> tensor of every parameter and buffer under a record, named as in state_dict()."""
+    out = {}
+    for group in ('_parameters', '_buffers'):
+        for name, value in (record.state.get(group) or {}).items():
+            if value is not None:
+                if not isinstance(value, torch.Tensor):
+                    raise pickle.UnpicklingError(f'{prefix}{name} is a {type(value).__name__}')
+                out[prefix + name] = value.detach()
+    for name, child in (record.state.get('_modules') or {}).items():
+        if child is not None:
+            if not isinstance(child, _Record):
+                raise pickle.UnpicklingError(f'{prefix}{name} is a {type(child).__name__}')
+            out.update(_record_tensors(child, f'{prefix}{name}.'))
+    return out
+
+def _edm_state_to_memdiff(state):
+    """EDM SongUNet state_dict -> memdiff UNet state_dict: names, and q, k, v de-interleaved."""
+    out = {}
+    for name, t in state.items():
+        parts = name.split('.')
+        if parts[-1] == 'resample_filter' or parts[0] == 'map_augment':
+            continue                                    # fixed by the taps / unused at sampling
+        if parts[0] == 'map_noise':                     # FourierEmbedding's frequencies
+            parts = parts[1:]
+        elif parts[0] in ('enc', 'dec'):
+            m = re.fullmatch(r'(\d+)x\1_(\w+)', parts[1])
+            if m is None:
+                raise ValueError(f'unexpected layer {name}')
+            res, layer = m.groups()
+            head = {'aux_residual': ['aux', res], 'aux_norm': ['out_norm'],
+                    'aux_conv': ['out_conv']}.get(layer, [parts[0], f'{res}_{layer}'])
+            parts = head + parts[2:]
+        if parts[-2:-1] == ['qkv']:                     # EDM: channel 3c + j holds q/k/v (j) of c
+            C = t.shape[0] // 3
+            t = t.reshape(C, 3, *t.shape[1:]).transpose(0, 1).reshape(t.shape)  # -> [q; k; v]
+        out['.'.join(parts)] = t
+    return out
+
+def _load_edm_state(net, state, source):
+    """Copy an EDM SongUNet state_dict into memdiff's UNet, every tensor accounted for."""
+    state = _edm_state_to_memdiff(state)
+    own = net.state_dict()
+    optional = {'freqs'} if net.embedding == 'positional' else set()  # EDM computes them on the fly
+    missing, unexpected = set(own) - set(state) - optional, set(state) - set(own)
+    bad = [k for k in set(state) & set(own) if state[k].shape != own[k].shape]
+    if missing or unexpected or bad:
+        _fail(source, f'the stored network does not fit memdiff\'s U-Net: missing {sorted(missing)}, '
+              f'unexpected {sorted(unexpected)}, wrong shapes {sorted(bad)}')
+    net.load_state_dict(state, strict=False)
+    return net
+
+_REQUIRED = object()
+# EDM's SongUNet signature in order (DiffMemorize adds skip_connections), with its defaults.
+_SONG_UNET_SIGNATURE = dict(
+    img_resolution=_REQUIRED, in_channels=_REQUIRED, out_channels=_REQUIRED, label_dim=0,
+    augment_dim=0, model_channels=128, channel_mult=[1, 2, 2, 2], channel_mult_emb=4, num_blocks=4,
+    attn_resolutions=[16], dropout=0.10, label_dropout=0, embedding_type='positional',
+    channel_mult_noise=1, encoder_type='standard', decoder_type='standard', resample_filter=[1, 1],
+    skip_connections=None)
+# EDM's preconditioning signatures in order: memdiff kind, then arguments and defaults.
+_PRECOND_SIGNATURES = {
+    'VPPrecond': ('vp', dict(img_resolution=_REQUIRED, img_channels=_REQUIRED, label_dim=0,
+                             use_fp16=False, beta_d=19.9, beta_min=0.1, M=1000, epsilon_t=1e-5,
+                             model_type='SongUNet')),
+    'VEPrecond': ('ve', dict(img_resolution=_REQUIRED, img_channels=_REQUIRED, label_dim=0,
+                             use_fp16=False, sigma_min=0.02, sigma_max=100, model_type='SongUNet')),
+    'EDMPrecond': ('edm', dict(img_resolution=_REQUIRED, img_channels=_REQUIRED, label_dim=0,
+                               use_fp16=False, sigma_min=0, sigma_max=float('inf'),
+                               sigma_data=0.5, model_type='DhariwalUNet')),
+}
+
+def _arguments(record, signature, source, model_kwargs=False):
+    """A record's constructor arguments bound to a signature (an ordered dict of defaults)."""
+    if len(record.init_args) > len(signature):
+        _fail(source, f'{record.class_name} has {len(record.init_args)} positional arguments')
+    kwargs = dict(zip(signature, record.init_args))
+    unknown = set(record.init_kwargs) - set(signature)
+    if unknown and not model_kwargs:                    # a Precond passes the rest to its model
+        _fail(source, f'{record.class_name} has arguments memdiff does not implement: {sorted(unknown)}')
+    kwargs = {**signature, **kwargs, **record.init_kwargs}
+    absent = [k for k, v in kwargs.items() if v is _REQUIRED]
+    if absent:
+        _fail(source, f'{record.class_name} was stored without {absent}')
+    return kwargs
+
+def _unet_from_edm(record, source):
+    """memdiff's UNet with the weights of an EDM/DiffMemorize SongUNet record."""
+    kw = _arguments(record, _SONG_UNET_SIGNATURE, source)
+    # memdiff implements the two SongUNet configurations of the study, and nothing in between.
+    arch = {('standard', (1, 1), 1): 'ddpmpp', ('residual', (1, 3, 3, 1), 2): 'ncsnpp'}.get(
+        (kw['encoder_type'], tuple(kw['resample_filter']), kw['channel_mult_noise']))
+    if arch is None or kw['decoder_type'] != 'standard' or kw['channel_mult_emb'] != 4:
+        _fail(source, f"SongUNet with encoder_type={kw['encoder_type']!r}, "
+              f"decoder_type={kw['decoder_type']!r}, resample_filter={kw['resample_filter']}, "
+              f"channel_mult_noise={kw['channel_mult_noise']}, channel_mult_emb="
+              f"{kw['channel_mult_emb']}: memdiff implements DDPM++ ('standard', [1, 1], 1) and "
+              "NCSN++ ('residual', [1, 3, 3, 1], 2), decoder 'standard', channel_mult_emb 4")
+    # augment_dim and label_dropout act only in training (no augmentation labels at sampling).
+    try:
+        net = UNet(kw['img_resolution'], kw['in_channels'], kw['out_channels'],
+                   label_dim=kw['label_dim'], model_channels=kw['model_channels'],
+                   channel_mult=tuple(kw['channel_mult']), num_blocks=kw['num_blocks'],
+                   attn_resolutions=tuple(kw['attn_resolutions']), dropout=kw['dropout'],
+                   arch=arch, embedding=kw['embedding_type'], skips=kw['skip_connections'] or None)
+    except ValueError as e:
+        _fail(source, f'SongUNet arguments memdiff cannot build: {e}')
+    try:
+        tensors = _record_tensors(record)
+    except pickle.UnpicklingError as e:
+        _fail(source, f'the stored SongUNet holds something other than tensors: {e}')
+    return _load_edm_state(net, tensors, source)
+
+def _precond_from_edm(record, source):
+    """memdiff's Precond(UNet) from an EDM VPPrecond / VEPrecond / EDMPrecond record."""
+    if record.class_name not in _PRECOND_SIGNATURES:
+        _fail(source, f'the network is a {record.class_name}; memdiff reads VPPrecond, VEPrecond '
+              'and EDMPrecond')
+    kind, signature = _PRECOND_SIGNATURES[record.class_name]
+    kw = _arguments(record, signature, source, model_kwargs=True)
+    model = (record.state.get('_modules') or {}).get('model')
+    name = getattr(model, 'class_name', type(model).__name__)
+    if not isinstance(model, _Record) or name != 'SongUNet':
+        _fail(source, f'the network inside {record.class_name} is a {name}; memdiff implements '
+              'SongUNet (DDPM++ / NCSN++) only')
+    net = _unet_from_edm(model, source)
+    if net.label_dim != kw['label_dim']:
+        _fail(source, f"label_dim {kw['label_dim']} of {record.class_name} and {net.label_dim} "
+              'of its SongUNet differ')
+    if kw['use_fp16']:
+        warnings.warn(f'{source}: stored with use_fp16=True; memdiff evaluates it in float32 '
+                      '(EDM runs such a network in float16 on a GPU)')
+    if kind == 'vp':
+        precond = Precond(net, 'vp', beta_d=kw['beta_d'], beta_min=kw['beta_min'], M=kw['M'],
+                          epsilon_t=kw['epsilon_t'])
+    else:
+        precond = Precond(net, kind, sigma_data=kw.get('sigma_data', 0.5),
+                          sigma_min=kw['sigma_min'], sigma_max=kw['sigma_max'])
+    return precond.eval().requires_grad_(False)
+
+def save_network(precond, path):
+    """Write a Precond(UNet) to path as a memdiff network file (settings and tensors, no code)."""
+    net = precond.net
+    settings = dict(kind=precond.kind, sigma_data=precond.sigma_data, beta_d=precond.beta_d,
+                    beta_min=precond.beta_min, M=precond.M, epsilon_t=precond.epsilon_t,
+                    sigma_min=precond.sigma_min, sigma_max=precond.sigma_max)
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    torch.save(dict(format='memdiff-network', version=1, unet=net.config, precond=settings,
+                    state=state), path)
+
+def _load_memdiff_network(path):
+    """Precond(UNet) from a save_network file, read with torch.load(weights_only=True)."""
+    try:
+        data = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:                              # torch raises several kinds here
+        _fail(path, f'not a readable memdiff network file ({type(e).__name__}: {e})')
+    if not isinstance(data, dict) or data.get('format') != 'memdiff-network':
+        _fail(path, 'is a torch file but not a memdiff network (save_network writes those)')
+    net = UNet(**data['unet'])
+    net.load_state_dict(data['state'])
+    return Precond(net, **data['precond']).eval().requires_grad_(False)
+
+def load_network(path):
+    """Denoiser (x, sigma, class_labels) -> D(x; sigma): memdiff's Precond(UNet) in eval mode.
+
+    Reads the study's (EDM's) network-snapshot-*.pkl, its 'ema' entry, without the study's code and
+    without running any code from the file; or a file written by save_network.
+    """
+    path = Path(path)
+    if not path.is_file():
+        _fail(path, 'no such file')
+    if zipfile.is_zipfile(path):                        # torch.save's format: memdiff's own file
+        return _load_memdiff_network(path)
+    with open(path, 'rb') as f:
+        try:
+            data = _SnapshotUnpickler(f, path).load()
+        except ValueError:
+            raise
+        except Exception as e:                          # truncated or foreign pickles
+            _fail(path, f'not a readable network snapshot ({type(e).__name__}: {e})')
+    ema = data.get('ema') if isinstance(data, dict) else data
+    if not isinstance(ema, _Record):
+        _fail(path, "holds no EDM network (expected the study's network-snapshot-*.pkl, a dict "
+              "whose 'ema' entry is a VPPrecond, VEPrecond or EDMPrecond)")
+    return _precond_from_edm(ema, path)

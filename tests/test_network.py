@@ -327,3 +327,86 @@ def test_loss_of_the_optimum_of_one_image_is_zero(kind, seed):
     loss = memdiff.LOSSES[kind](optimum, (image * 2 - 1).expand(3, -1, -1, -1),
                                 generator=torch.Generator().manual_seed(seed))
     assert loss.shape == (3,) and loss.abs().max() < 1e-12
+
+
+#----------------------------------------------------------------------------
+# NCSN++'s residual input path and class labels given as indices.
+
+def test_ncsnpp_aux_path_is_edm_fused_down_conv():
+    """The aux conv equals EDM's fused down conv: pad 2, conv, [1,3,3,1] FIR stride 2, bias last."""
+    net = perturb(tiny_unet(img_resolution=16, in_channels=3, arch='ncsnpp'), 0)
+    aux = net.aux['8']
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    w, b = aux.weight.detach(), aux.bias.detach()             # [16, 3, 3, 3], [16]
+    taps = torch.tensor([1., 3., 3., 1.])
+    fir = (taps.outer(taps) / taps.sum() ** 2).expand(16, 1, 4, 4)
+    h = torch.nn.functional.conv2d(torch.nn.functional.pad(x, [2, 2, 2, 2]), w)  # [2,16,18,18]
+    expected = torch.nn.functional.conv2d(h, fir, stride=2, groups=16) + b[:, None, None]
+    with torch.no_grad():
+        got = aux(x)
+    assert got.shape == (2, 16, 8, 8)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # Conv-then-resample (padding each step with zeros) is not the same at the borders.
+    plain = torch.nn.functional.conv2d(x, w, b, padding=1)
+    unfused = torch.nn.functional.conv2d(plain, fir, stride=2, padding=1, groups=16)
+    border = (unfused - expected).abs()
+    assert border[..., 1:-1, 1:-1].max() < 1e-5 and border.max() > 1e-2
+
+
+@given(seed=SEEDS, arch=st.sampled_from(['ddpmpp', 'ncsnpp']))
+def test_class_indices_equal_one_hot_rows(seed, arch):
+    """class_labels as int64 indices [B] give the output of the one-hot rows [B, L], in UNet and Precond."""
+    g = torch.Generator().manual_seed(seed)
+    net = perturb(tiny_unet(label_dim=5, arch=arch), seed)
+    x, c_noise = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, generator=g)
+    idx = torch.randint(5, (4,), generator=g)
+    rows = torch.nn.functional.one_hot(idx, 5).float()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, c_noise, idx), net(x, c_noise, rows), rtol=1e-6, atol=1e-6)
+        precond = memdiff.Precond(net, kind='vp')
+        torch.testing.assert_close(precond(x, 0.7, idx), precond(x, 0.7, rows), rtol=1e-6, atol=1e-6)
+
+
+def test_class_indices_out_of_range_raise():
+    """An index outside [0, label_dim) is an error, not a silently wrapped negative index."""
+    net = tiny_unet(label_dim=3).eval()
+    x = torch.zeros(2, 1, 8, 8)
+    for idx in ([0, 3], [-1, 0]):
+        with pytest.raises(ValueError, match='class indices'):
+            net(x, torch.zeros(2), torch.tensor(idx))
+
+
+def largest_fresh_allocation(fn):
+    """Run fn and return the largest storage (bytes) that any torch op allocated on the way."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Watch(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves(
+                (args, kwargs)) if isinstance(a, torch.Tensor)}
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                    Watch.largest = max(Watch.largest, t.untyped_storage().nbytes())  # not a view
+            return out
+
+    with Watch():
+        fn()
+    return Watch.largest
+
+
+def test_class_indices_never_build_a_one_hot(monkeypatch):
+    """With 50,000 unique labels and indices, no tensor of B x label_dim elements is ever allocated."""
+    B, L = 4, 50_000
+    net = tiny_unet(label_dim=L).eval()
+    x, c_noise = torch.zeros(B, 1, 8, 8), torch.zeros(B)
+    idx = torch.tensor([0, 17, 49_999, 123])
+    with torch.no_grad():
+        rows = torch.nn.functional.one_hot(idx, L).float()
+        # The watch does see a one-hot: the float path allocates rows * sqrt(L), [B, L] floats.
+        assert largest_fresh_allocation(lambda: net(x, c_noise, rows)) >= B * L * 4
+        monkeypatch.setattr(torch.nn.functional, 'one_hot', None)   # calling it would fail
+        largest = largest_fresh_allocation(lambda: memdiff.Precond(net, 'vp')(x, 1.0, idx))
+    assert largest < B * L                                     # even a bool one-hot is B * L bytes
