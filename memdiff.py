@@ -489,7 +489,7 @@ class UNet(nn.Module):
 
 def vp_sigma(t, beta_d=19.9, beta_min=0.1):
     """VP noise level sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
-    t = torch.as_tensor(t)
+    t = t if torch.is_tensor(t) else torch.as_tensor(t)
     return ((0.5 * beta_d * t ** 2 + beta_min * t).exp() - 1).sqrt()
 
 def vp_sigma_inv(sigma, beta_d=19.9, beta_min=0.1):

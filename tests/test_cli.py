@@ -374,7 +374,7 @@ def test_bad_input_is_a_one_line_error(tmp_path, make_args, words):
 
 @pytest.mark.parametrize('sweep', [
     'labels=none,bogus',
-    'resolution=8,3',
+    'resolution=8,9',
 ])
 def test_sweep_values_are_checked_before_anything_runs(tmp_path, count_measures, sweep):
     """A bad value anywhere in a sweep is an error before the first value is measured."""

@@ -19,7 +19,7 @@ def ratio(n, labels):
     images, classes = memdiff.load_dataset('digits')
     cfg = memdiff.EMMConfig(channels=8, labels=labels, samples=200,
                             train=memdiff.TrainConfig(steps=600, snapshots=1))
-    point, _, _ = memdiff.measure(images, classes, n, cfg)
+    point = memdiff.measure(images, classes, n, cfg)
     return point['ratio']
 
 def test_a_smaller_training_set_memorizes_more():

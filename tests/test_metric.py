@@ -164,9 +164,9 @@ def test_ratio_is_the_fraction_of_scores_below_the_threshold(n, b, shape, thresh
     # Half the samples start near training images, so both outcomes occur.
     which = torch.randint(n, (b,), generator=torch.Generator().manual_seed(seed + 1))
     x = y[which] + 0.3 * draw(seed + 2, b, *shape)
-    ratio, mask = memdiff.memorization_scores(x, y, threshold=threshold)
+    ratio, mask = memdiff.memorization_scores(x, y, mem_threshold=threshold)
     assert torch.equal(mask, ratio < threshold)
-    fraction = memdiff.memorization_ratio(x, y, threshold=threshold)
+    fraction = memdiff.memorization_ratio(x, y, mem_threshold=threshold)
     assert isinstance(fraction, float)
     assert math.isclose(fraction, mask.double().mean().item())
 

@@ -90,14 +90,19 @@ def test_conditional_optimum_equals_brute_force_over_its_class(n, b, shape, num_
     torch.testing.assert_close(optimum(x, sigma, None), brute_optimum(x, y, sigma), rtol=0, atol=1e-9)
 
 
-def test_conditional_optimum_rejects_a_class_without_images():
-    """Asking for a class with no training image raises ValueError."""
+def test_conditional_optimum_of_a_class_without_images_is_the_unconditional_optimum():
+    """A sample whose class has no training image gets the unconditional optimum (the rule for empty
+    random classes); the other samples keep their class's optimum, and unseen() marks the first."""
     y = draw(0, 4, 1, 2, 2)
-    optimum = memdiff.OptimalDenoiser(y, torch.tensor([0, 2, 0, 2]))
-    with pytest.raises(ValueError):
-        optimum(y[:2], 1.0, torch.eye(3)[[0, 1]])
-    with pytest.raises(ValueError):
-        optimum(y[:1], 1.0, torch.tensor([1]))
+    labels = torch.tensor([0, 2, 0, 2])
+    optimum = memdiff.OptimalDenoiser(y, labels)
+    x, classes = y[:3] + 0.3, torch.tensor([0, 1, 2])
+    got = optimum(x, 0.7, torch.eye(3)[classes])
+    torch.testing.assert_close(got[1:2], brute_optimum(x[1:2], y, 0.7), rtol=0, atol=1e-9)
+    torch.testing.assert_close(got[[0, 2]], brute_optimum(x[[0, 2]], y, 0.7, labels, classes[[0, 2]]),
+                               rtol=0, atol=1e-9)
+    assert optimum.unseen(classes).tolist() == [False, True, False]
+    torch.testing.assert_close(optimum(x, 0.7, classes), got, rtol=0, atol=0)
 
 
 #----------------------------------------------------------------------------
