@@ -370,6 +370,9 @@ Examples:
 @click.option('--tolerance', metavar='FLOAT', type=click.FloatRange(min=0), default=0.35,
               show_default=True, help='Stop bisecting when the bracket is this narrow (relative).')
 @click.option('--optimum', is_flag=True, help='Score the closed-form optimal denoiser instead.')
+@click.option('--score', 'score_path', metavar='PKL|DIR', default=None,
+              help="Score the study's network-snapshot-*.pkl (one, or the best of a folder's) "
+                   'against the training set of --sizes N (default: all of --data), then stop.')
 # Run.
 @click.option('--preset', type=click.Choice(sorted(PRESETS)), default=None,
               help="The study's configuration (explicit options still win).")
@@ -398,6 +401,8 @@ def main(ctx, **opts):
             apply_preset(opts, given)
         device, rank, world = init_distributed(opts['device'])
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = opts['tf32']
+        if opts['score_path']:
+            return score_snapshots(opts, device, rank)
         runs = sweep_values(ctx, opts) if opts['sweep'] else [(None, opts)]
         configs = [(value, make_config(o, given)) for value, o in runs]  # every value checked first
         if opts['dry_run']:
@@ -430,6 +435,50 @@ def main(ctx, **opts):
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
         raise click.ClickException('interrupted: rerun the same command to resume') from None
+
+def snapshot_files(path):
+    """The snapshots to score: one file, or a folder's network-snapshot-*.pkl but the initial one."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise ValueError(f'{path}: no such file or folder')
+    files = sorted(path.glob('network-snapshot-*.pkl'))
+    if not files:
+        raise ValueError(f'{path}: holds no network-snapshot-*.pkl')
+    return files[1:] or files                               # as mem_ratio.py: not the first one
+
+def score_snapshots(opts, device, rank):
+    """Memorization ratio of each snapshot's samples (seeds 0..N-1) against the training set."""
+    images, labels = dataset(opts['data'], opts['resolution'], opts['classes'])
+    if opts['sizes'] and len(opts['sizes']) != 1:
+        raise click.BadParameter('--score takes one training-set size', param_hint='--sizes')
+    n = opts['sizes'][0] if opts['sizes'] else len(images)
+    cfg = memdiff.EMMConfig(labels='none')
+    y = memdiff.training_set(images, labels, n, cfg)[0].to(device)
+    log = click.echo if rank == 0 else (lambda *a: None)
+    rows = []
+    for path in snapshot_files(opts['score_path']):
+        net = memdiff.load_network(path).to(device)
+        shape = (net.net.in_channels, net.net.img_resolution, net.net.img_resolution)
+        if shape != tuple(y.shape[1:]):
+            raise ValueError(f'{path}: the network makes images of shape {shape}, the training set '
+                             f'holds {tuple(y.shape[1:])}')
+        x, _ = memdiff.generate(net, opts['samples'], shape, net.label_dim, device,
+                                opts['sampler_steps'], progress=Progress() if rank == 0 else None)
+        s, _ = memdiff.score(x, y)
+        rows.append(dict(snapshot=path.name, **s))
+        log(f'{path.name}: memorization ratio {s["ratio"]:.4f} (95% CI {s["ci"][0]:.4f}-'
+            f'{s["ci"][1]:.4f})')
+    best = max(rows, key=lambda r: r['ratio'])
+    log(f'\nbest of {len(rows)}: {best["snapshot"]}, memorization ratio {best["ratio"]:.4f} '
+        f'against |D| = {n} of {opts["data"]}')
+    if opts['outdir'] and rank == 0:
+        Path(opts['outdir']).mkdir(parents=True, exist_ok=True)
+        atomic_write(Path(opts['outdir']) / 'score.json', json.dumps(dict(
+            size=n, data=opts['data'], samples=opts['samples'], best=best, snapshots=rows,
+            versions=versions()), indent=1))
+    close_distributed()
 
 def apply_preset(opts, given):
     """Fill the options not given on the command line from the preset (in place)."""

@@ -113,3 +113,32 @@ def test_explicit_steps_and_snapshots_replace_the_paper_presets_epochs(tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert '"epochs": null' in r.stdout and '"snapshot_images": null' in r.stdout
     assert '300 training steps of batch 512' in r.stdout and '1 snapshot(s)' in r.stdout
+
+@pytest.fixture(scope='module')
+def cifar_like(tmp_path_factory):
+    """A CIFAR-shaped .npz (200 uint8 images 32x32x3, 10 classes)."""
+    path = tmp_path_factory.mktemp('data') / 'cifar_like.npz'
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (200, 32, 32, 3), generator=g, dtype=torch.uint8).numpy()
+    import numpy as np
+    np.savez(path, images=images, labels=np.arange(200) % 10)
+    return path
+
+@pytest.mark.parametrize('resolution, arch, attn, precond, embedding, params', [
+    (32, 'ddpmpp', 16, 'vp', 'positional', '35,125,251'),
+    (16, 'ddpmpp', 8, 'vp', 'positional', '35,125,251'),
+    (8, 'ddpmpp', 4, 'vp', 'positional', '35,125,251'),
+    (32, 'ncsnpp', 16, 've', 'fourier', '35,788,035'),
+])
+def test_paper_preset_follows_the_architecture_and_resolution(tmp_path, cifar_like, resolution, arch,
+                                                               attn, precond, embedding, params):
+    """As the study's scripts: attention at half the resolution (the same network at 32, 16 and 8),
+    NCSN++ with VE and the Fourier embedding; mode2 EMA, whole kimg, seed 1024."""
+    r = run(['--dry-run', '--preset', 'paper', '--data', str(cifar_like), '--resolution',
+             str(resolution), '--arch', arch, '--max-size', '100'], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    config = json.loads(r.stdout[:r.stdout.index('\ndata:')])
+    assert config['attn'] == [attn] and config['embedding'] == embedding
+    assert config['train']['precond'] == precond and config['train']['ema_mode'] == 'mode2'
+    assert config['train']['whole_kimg'] and config['seed'] == 1024
+    assert f'network: {params} parameters' in r.stdout
