@@ -278,7 +278,7 @@ def one_hot(labels, label_dim):
 
 #----------------------------------------------------------------------------
 # 2. Network: the DDPM++ / NCSN++ U-Net of Song et al. [3] as re-implemented in EDM [2] and used
-# unchanged by the study [1]. Parameter counts are the acceptance test (SPEC §5).
+# unchanged by the study [1]. Parameter counts are the acceptance test (README, the map).
 
 def _init(layer, scale=1.0):
     """Xavier-uniform weight times scale and zero bias, as EDM initialises every layer."""
@@ -487,37 +487,42 @@ class UNet(nn.Module):
 # boundary in float32. Class labels enter as one-hot rows or as class indices (the network then
 # gathers columns of its label layer, no one-hot is built).
 
-def vp_sigma(t, beta_d=19.9, beta_min=0.1):
+# Table 1's constants, one source each: every default below, and the losses' weights, read them.
+SIGMA_DATA = 0.5                                # EDM: standard deviation of the data
+BETA_D, BETA_MIN, EPSILON_T, M = 19.9, 0.1, 1e-5, 1000  # VP: sigma(t) schedule, t in [eps_t, 1]
+VE_SIGMA_MIN, VE_SIGMA_MAX = 0.02, 100.0        # VE: the noise levels it is trained on
+
+def vp_sigma(t, beta_d=BETA_D, beta_min=BETA_MIN):
     """VP noise level sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
     t = t if torch.is_tensor(t) else torch.as_tensor(t)
     return ((0.5 * beta_d * t ** 2 + beta_min * t).exp() - 1).sqrt()
 
-def vp_sigma_inv(sigma, beta_d=19.9, beta_min=0.1):
-    """Inverse of vp_sigma: t(sigma)."""
+def vp_sigma_inv(sigma, beta_d=BETA_D, beta_min=BETA_MIN):
+    """Inverse of vp_sigma: t(sigma) = (sqrt(beta_min^2 + 2 beta_d ln(1 + sigma^2)) - beta_min) / beta_d."""
     sigma = torch.as_tensor(sigma)
-    # ln(1 + sigma^2) as EDM rounds it in float32 (not log1p): the study's VP networks were trained
-    # on these c_noise values, and log1p moves D(x; sigma) by ~1e-5 at sigma ~ 0.05.
+    # ln(1 + sigma^2) rounded in float32 as EDM does (not log1p): the study's VP networks were
+    # trained on these c_noise values, and log1p moves D(x; sigma) by ~1e-5 at sigma ~ 0.05.
     return ((beta_min ** 2 + 2 * beta_d * (1 + sigma ** 2).log()).sqrt() - beta_min) / beta_d
 
 class Precond(nn.Module):
     """D(x [B,C,H,W], sigma [B] or float, labels [B,L] or [B] ints) -> denoised [B,C,H,W] (float32).
 
-    sigma_min, sigma_max: the noise levels the network supports, EDM's names and values (VE: the
-    training range [0.02, 100]; VP: [sigma(epsilon_t), sigma(1)]; EDM: [0, inf]); samplers clamp to them.
+    sigma_min, sigma_max: the noise levels the network supports (VE: its training range; VP:
+    [sigma(epsilon_t), sigma(1)]; EDM: [0, inf]), with EDM's names; the sampler stays inside them.
     """
-    def __init__(self, net, kind='edm', sigma_data=0.5, beta_d=19.9, beta_min=0.1, M=1000,
-                 epsilon_t=1e-5, sigma_min=None, sigma_max=None):
+    def __init__(self, net, kind='edm', sigma_data=SIGMA_DATA, beta_d=BETA_D, beta_min=BETA_MIN,
+                 M=M, epsilon_t=EPSILON_T, sigma_min=None, sigma_max=None):
         super().__init__()
         if kind not in ('edm', 'vp', 've'):
             raise ValueError(f"precond kind must be 'edm', 'vp' or 've', got {kind!r}")
         self.net, self.kind, self.sigma_data = net, kind, sigma_data
         self.beta_d, self.beta_min, self.M, self.epsilon_t = beta_d, beta_min, M, epsilon_t
         self.label_dim = getattr(net, 'label_dim', 0)
-        if kind == 'vp':                                    # t in [epsilon_t, 1] during training
+        if kind == 'vp':                                    # in float32, as EDM computes them
             default = tuple(float(vp_sigma(torch.tensor(t, device='cpu'), beta_d, beta_min))
-                            for t in (epsilon_t, 1.0))  # float32, as EDM
+                            for t in (epsilon_t, 1.0))
         else:
-            default = (0.02, 100.0) if kind == 've' else (0.0, float('inf'))
+            default = (VE_SIGMA_MIN, VE_SIGMA_MAX) if kind == 've' else (0.0, math.inf)
         self.sigma_min = default[0] if sigma_min is None else float(sigma_min)
         self.sigma_max = default[1] if sigma_max is None else float(sigma_max)
 
@@ -530,24 +535,24 @@ class Precond(nn.Module):
         return dict(sigma_min=self.sigma_min, sigma_max=self.sigma_max)
 
     def coefficients(self, sigma):
-        """(c_skip, c_out, c_in, c_noise) at noise level sigma (tensor)."""
+        """(c_skip, c_out, c_in, c_noise) at noise level sigma (tensor) [2, Table 1]."""
         sigma = torch.as_tensor(sigma, dtype=torch.float32)
         if self.kind == 'edm':
             sd = self.sigma_data
-            c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
-            c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
-            c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()
-            c_noise = sigma.log() / 4
+            c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)     # sigma_d^2 / (sigma^2 + sigma_d^2)
+            c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()  # sigma sigma_d / sqrt(sigma^2 + sigma_d^2)
+            c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()      # 1 / sqrt(sigma^2 + sigma_d^2)
+            c_noise = sigma.log() / 4                     # ln(sigma) / 4
         elif self.kind == 'vp':
-            c_skip = torch.ones_like(sigma)
-            c_out = -sigma
-            c_in = 1 / (sigma ** 2 + 1).sqrt()
-            c_noise = (self.M - 1) * vp_sigma_inv(sigma, self.beta_d, self.beta_min)
+            c_skip = torch.ones_like(sigma)               # 1
+            c_out = -sigma                                # -sigma
+            c_in = 1 / (sigma ** 2 + 1).sqrt()            # 1 / sqrt(sigma^2 + 1)
+            c_noise = (self.M - 1) * vp_sigma_inv(sigma, self.beta_d, self.beta_min)  # (M-1) t(sigma)
         else:
-            c_skip = torch.ones_like(sigma)
-            c_out = sigma
-            c_in = torch.ones_like(sigma)
-            c_noise = (0.5 * sigma).log()
+            c_skip = torch.ones_like(sigma)               # 1
+            c_out = sigma                                 # sigma
+            c_in = torch.ones_like(sigma)                 # 1
+            c_noise = (0.5 * sigma).log()                 # ln(sigma / 2)
         return c_skip, c_out, c_in, c_noise
 
     def forward(self, x, sigma, class_labels=None):
@@ -561,7 +566,8 @@ class Precond(nn.Module):
 
 #----------------------------------------------------------------------------
 # 4. Losses [2, Table 1], per sample: lambda(sigma) * ||D(y + n; sigma) - y||^2 summed over pixels,
-# n ~ N(0, sigma^2 I). Each draws its own sigma from the generator it is given.
+# n ~ N(0, sigma^2 I). Each draws its own sigma from the generator it is given; train() passes the
+# constants of the preconditioning it trains (Precond.loss_constants), so the two never disagree.
 
 def _randn(shape, like, generator):
     return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
@@ -571,19 +577,22 @@ def _weighted_loss(denoise, y, sigma, weight, class_labels, generator):
     D_yn = denoise(y + n, sigma, class_labels)
     return (weight * (D_yn - y) ** 2).flatten(1).sum(1)    # [B]
 
-def edm_loss(denoise, y, class_labels=None, P_mean=-1.2, P_std=1.2, sigma_data=0.5, generator=None):
+def edm_loss(denoise, y, class_labels=None, P_mean=-1.2, P_std=1.2, sigma_data=SIGMA_DATA,
+             generator=None):
     """EDM loss [B]: ln sigma ~ N(P_mean, P_std^2), lambda = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2."""
     sigma = (_randn([y.shape[0], 1, 1, 1], y, generator) * P_std + P_mean).exp()
     weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
     return _weighted_loss(denoise, y, sigma, weight, class_labels, generator)
 
-def vp_loss(denoise, y, class_labels=None, beta_d=19.9, beta_min=0.1, epsilon_t=1e-5, generator=None):
+def vp_loss(denoise, y, class_labels=None, beta_d=BETA_D, beta_min=BETA_MIN, epsilon_t=EPSILON_T,
+            generator=None):
     """VP loss [B]: t ~ U(epsilon_t, 1), sigma = sigma(t), lambda = 1 / sigma^2."""
     u = torch.rand([y.shape[0], 1, 1, 1], generator=generator, device=y.device)
     sigma = vp_sigma(1 + u * (epsilon_t - 1), beta_d, beta_min)
     return _weighted_loss(denoise, y, sigma, 1 / sigma ** 2, class_labels, generator)
 
-def ve_loss(denoise, y, class_labels=None, sigma_min=0.02, sigma_max=100, generator=None):
+def ve_loss(denoise, y, class_labels=None, sigma_min=VE_SIGMA_MIN, sigma_max=VE_SIGMA_MAX,
+            generator=None):
     """VE loss [B]: sigma log-uniform on [sigma_min, sigma_max], lambda = 1 / sigma^2."""
     u = torch.rand([y.shape[0], 1, 1, 1], generator=generator, device=y.device)
     sigma = sigma_min * (sigma_max / sigma_min) ** u

@@ -66,8 +66,10 @@ def same_on_cuda():
         ok &= check(f'optimum at sigma={sigma}: float64 CUDA = CPU, float32 CUDA close',
                     torch.allclose(a, b, atol=1e-10) and torch.allclose(a.float(), c, atol=2e-3),
                     f'(max |diff| {float((a - b).abs().max()):.1e}, {float((a.float() - c).abs().max()):.1e})')
-    s = memdiff.generate(memdiff.OptimalDenoiser(y), 40, (1, 8, 8), 0, 1, torch.device('cpu'), 6)
-    t = memdiff.generate(memdiff.OptimalDenoiser(y.to(cuda)), 40, (1, 8, 8), 0, 1, cuda, 6).cpu()
+    # The same latents on both devices (a CUDA generator draws other numbers than a CPU one).
+    z, _ = memdiff.study_latents(range(40), (1, 8, 8), 0, torch.device('cpu'))
+    s = memdiff.edm_sampler(memdiff.OptimalDenoiser(y), z, num_steps=6)
+    t = memdiff.edm_sampler(memdiff.OptimalDenoiser(y.to(cuda)), z.to(cuda), num_steps=6).cpu()
     ok &= check('optimum samples', torch.allclose(s, t, atol=1e-6))
     q = memdiff.quantize_uint8(s.float())
     ra, ma = memdiff.memorization_scores(q, y.float())

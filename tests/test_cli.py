@@ -335,6 +335,13 @@ def true_labels_without_labels(tmp_path):
 
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without CUDA')
+def broken(tmp_path):
+    """A file named .npz that is not a zip."""
+    path = tmp_path / 'broken.npz'
+    path.write_bytes(b'this is not a zip archive')
+    return path
+
+
 BAD_INPUTS = [
     pytest.param(lambda t: opt('--data', t / 'missing.npz'), ['missing.npz'], id='missing-file'),
     pytest.param(text_file, ['format'], id='unknown-format'),
@@ -353,7 +360,12 @@ BAD_INPUTS = [
     pytest.param(lambda t: opt('--lr', '-1'), ['--lr'], id='lr-negative'),
     pytest.param(lambda t: opt('--batch', '0'), ['--batch'], id='batch-zero'),
     pytest.param(lambda t: opt('--steps', '0'), ['--steps'], id='steps-zero'),
-    pytest.param(lambda t: opt('--resolution', '3'), ['resolution'], id='resolution-not-dividing'),
+    pytest.param(lambda t: opt('--resolution', '9'), ['resolution'], id='resolution-above-image'),
+    pytest.param(lambda t: opt('--data', broken(t)), ['broken.npz', 'not a valid .npz'],
+                 id='npz-not-a-zip'),
+    pytest.param(lambda t: trained('--lr', '1000', '--steps', '20', '--snapshots', '1'),
+                 ['diverged', 'step'], id='training-diverges'),
+    pytest.param(lambda t: opt('--score', t / 'nothing'), ['nothing'], id='score-missing'),
     pytest.param(lambda t: trained('--skips', '1,0'), ['skips'], id='skips-wrong-length'),
     pytest.param(lambda t: opt('--channel-mult', ''), ['--channel-mult'], id='no-levels'),
     pytest.param(lambda t: opt('--classes', '11'), ['classes'], id='too-many-classes'),

@@ -7,6 +7,7 @@ would create a marker file), its class name and its state (__dict__ with _parame
 _modules, _init_args, _init_kwargs), exactly the layout EDM writes.
 """
 
+import json
 import math
 import os
 import pickle
@@ -388,3 +389,31 @@ def test_memdiff_network_file_is_read_weights_only(tmp_path):
     torch.save(dict(weights=torch.zeros(2)), path)             # readable, but not a network
     with pytest.raises(ValueError, match='not a memdiff network'):
         memdiff.load_network(path)
+
+
+def test_score_mode_scores_a_folder_of_study_snapshots_like_mem_ratio(persistence, tmp_path):
+    """run_emm.py --score DIR: every snapshot but the first (as mem_ratio.py), seeds 0..N-1, scored
+    against the training set; score.json holds the best."""
+    from click.testing import CliRunner
+    import run_emm
+    modules, marker = persistence
+    folder = tmp_path / 'run'
+    folder.mkdir()
+    for k, seed in ((0, 0), (500, 1), (1000, 2)):
+        precond = perturbed_precond('vp', seed, in_channels=1, out_channels=1)
+        write_study_snapshot(folder / f'network-snapshot-{k:06d}.pkl', precond, modules)
+    out = tmp_path / 'out'
+    result = CliRunner().invoke(run_emm.main, ['--score', str(folder), '--sizes', '32', '--samples',
+                                               '12', '--sampler-steps', '3', '--outdir', str(out),
+                                               '--device', 'cpu'])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / 'score.json').read_text())
+    names = [r['snapshot'] for r in record['snapshots']]
+    assert names == ['network-snapshot-000500.pkl', 'network-snapshot-001000.pkl']
+    y = memdiff.training_set(*memdiff.load_dataset('digits'), 32, memdiff.EMMConfig())[0]
+    for row in record['snapshots']:
+        net = memdiff.load_network(folder / row['snapshot'])
+        x, _ = memdiff.generate(net, 12, (1, 8, 8), 0, torch.device('cpu'), 3)
+        assert row['ratio'] == memdiff.score(x, y)[0]['ratio']
+    assert record['best']['ratio'] == max(r['ratio'] for r in record['snapshots'])
+    assert not marker.exists()
