@@ -2,11 +2,15 @@
 
 import functools
 import hashlib
+import io
 import json
+import os
 import sys
+import zipfile
 from pathlib import Path
 
 import click
+import PIL.Image
 import torch
 
 import memdiff
@@ -39,17 +43,21 @@ Examples:
   python run_emm.py --labels unique --sizes 64,256   # one class per image, two sizes
   python run_emm.py --resolution 4 --channels 8      # lower data dimension, narrower network
   python run_emm.py --dry-run --preset paper --data cifar-10-python.tar.gz
+  python run_emm.py --data cifar-10-python.tar.gz --labels random:10 --sizes 1000 --export set.zip
   torchrun --standalone --nproc_per_node=8 run_emm.py --preset paper --data cifar-10-python.tar.gz
 """)
 # Data.
 @click.option('--data', metavar='SPEC', default='digits', show_default=True,
               help="'digits' (bundled), a .npz, a CIFAR-10 python archive/folder, or a PNG zip.")
 @click.option('--resolution', metavar='INT', type=click.IntRange(min=1), default=None,
-              help='Down-sample images to this resolution (area average).')
+              help="Down-sample to this resolution (Pillow LANCZOS on uint8, as the study).")
 @click.option('--classes', metavar='INT', type=click.IntRange(min=1), default=None,
               help='Keep only the first C classes.')
 @click.option('--labels', metavar='MODE', default='none', show_default=True,
               help='Conditioning: none | true | random:C | unique.')
+@click.option('--export', metavar='PATH.zip', default=None,
+              help="Write the training set of the one --sizes N as the study's dataset tools "
+                   'would (an EDM zip of PNGs with dataset.json), then stop.')
 # Network.
 @click.option('--arch', type=click.Choice(['ddpmpp', 'ncsnpp']), default='ddpmpp', show_default=True)
 @click.option('--precond', type=click.Choice(['edm', 'vp', 've']), default='edm', show_default=True)
@@ -135,6 +143,12 @@ def main(ctx, **opts):
         for k, v in PRESETS[opts['preset']].items():
             if k not in given:
                 opts[k] = v
+    if opts['export']:
+        try:
+            export_training_set(make_config(opts), opts['sizes'], opts['export'], opts['sweep'])
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
+        return
     try:
         device, rank, world = memdiff.init_distributed(opts['device'])
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = opts['tf32']
@@ -319,6 +333,43 @@ class Progress:
         if self.bar is not None:
             self.bar.__exit__(None, None, None)
             self.bar = None
+
+def export_training_set(cfg, sizes, path, sweep=None):
+    """Write the training set of size N (sizes = 'N') to path as the study's dataset tools write it
+    (dataset_utils/dataset_size.py and its variants): an uncompressed zip of uncompressed PNGs named
+    00000/img00000000.png.. in class-sorted order, then dataset.json {"labels": [[name, label], ..]}."""
+    if not path.lower().endswith('.zip'):
+        raise click.BadParameter(f'{path!r} must end in .zip', param_hint='--export')
+    if sweep:
+        raise click.BadParameter('exports one training set: drop --sweep', param_hint='--export')
+    n = int_list(sizes, '--sizes') if sizes else ()
+    if len(n) != 1:
+        raise click.BadParameter('needs exactly one size, e.g. --sizes 1000', param_hint='--sizes')
+    images, labels = memdiff.load_dataset(cfg.data, cfg.resolution, cfg.classes)
+    y, c, _ = memdiff.training_set(images, labels, n[0], cfg)
+    if c is None and labels is not None:
+        # With --labels none the study's files still carry the true labels (train.py --cond=0
+        # ignores them).
+        c = labels[memdiff.balanced_subset(labels, n[0])]
+    pixels = memdiff.to_uint8(y).permute(0, 2, 3, 1).numpy()          # [n, H, W, C] uint8
+    if pixels.shape[-1] not in (1, 3):
+        raise click.BadParameter(f'the study writes RGB or grayscale images, not {pixels.shape[-1]} '
+                                 'channels', param_hint='--data')
+    entries = []
+    tmp = f'{path}.tmp{os.getpid()}'
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED) as z:
+        for i, img in enumerate(pixels):
+            name = f'{i // 1000:05d}/img{i:08d}.png'
+            png = io.BytesIO()
+            PIL.Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(
+                png, format='png', compress_level=0, optimize=False)
+            z.writestr(name, png.getbuffer())
+            entries.append([name, int(c[i])] if c is not None else None)
+        z.writestr('dataset.json', json.dumps({'labels': entries if c is not None else None}))
+    os.replace(tmp, path)
+    click.echo(f'wrote {len(pixels)} images of shape {tuple(y.shape[1:])} '
+               f'({"no labels" if c is None else f"labels {cfg.labels}"}) to {path}')
 
 def print_table(record, threshold):
     """The final table: size, ratio, 95% CI, best snapshot; then the EMM."""
