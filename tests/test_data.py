@@ -147,7 +147,7 @@ def test_balanced_subset_rejects_a_class_shorter_than_its_share():
 def pillow_rgb_resize(pixels, resolution):
     """Oracle: dataset_tool.py's path, Image.fromarray(HWC uint8).resize((r, r), LANCZOS)."""
     out = [np.array(Image.fromarray(p.transpose(1, 2, 0)).resize((resolution, resolution),
-                                                                 Image.Resampling.LANCZOS))
+                                                                 Image.LANCZOS))
            for p in pixels]
     return np.stack(out).transpose(0, 3, 1, 2)
 
