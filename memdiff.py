@@ -1,7 +1,7 @@
 """memdiff: a single-file reference implementation of "On Memorization in Diffusion Models".
 
 What is in this file, in the order of the science:
-  1. data           -- the bundled digits, .npz, CIFAR-10 and EDM-style PNG zips; the study's first-k subsets
+  1. data           -- the bundled digits, .npz, CIFAR-10 and PNG zips; the study's first-k subsets
   2. network        -- the DDPM++ / NCSN++ U-Net of the study, parameter for parameter [2, 3]
   3. precond        -- EDM, VP and VE preconditioning D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) [2]
   4. losses         -- per-sample denoising score-matching losses of EDM, VP and VE [2]
@@ -172,7 +172,7 @@ def downsample(images, resolution):
     Takes and returns a numpy array or a torch tensor; resolution == H returns the input."""
     H = images.shape[-1]
     if images.shape[-2] != H:
-        raise ValueError(f'images must be square to resize, got {H} wide and {images.shape[-2]} high')
+        raise ValueError(f'images must be square to resize, got {H} x {images.shape[-2]}')
     # dataset_tool.py refuses outputs whose side is not a power of two.
     if resolution < 1 or resolution & (resolution - 1) or resolution > H:
         raise ValueError(f'resolution {resolution} must be a power of two no larger than the image '
@@ -211,7 +211,7 @@ def load_dataset(spec, resolution=None, classes=None):
             images, labels = _load_png_zip(path)
         else:
             _fail(spec, 'unknown data format (expected .npz, .tar.gz, a folder or .zip)')
-    if classes is not None:                                 # the classes 0..C-1 [dataset_diversity.py]
+    if classes is not None:                                 # classes 0..C-1 [dataset_diversity.py]
         if labels is None:
             _fail(spec, f'classes={classes} needs labels, and the data set has none')
         num_classes = int(labels.max()) + 1
@@ -290,7 +290,7 @@ def assign_labels(labels, mode, n=None):
     if n is None:
         raise ValueError(f"label mode '{mode}' needs the subset size n when the data has no labels")
     if mode == 'unique':
-        return torch.arange(n), n                           # image i gets label i [dataset_unique.py]
+        return torch.arange(n), n                           # image i: label i [dataset_unique.py]
     if mode.startswith('random:'):
         try:
             C = int(mode.split(':', 1)[1])

@@ -336,8 +336,8 @@ class Progress:
 
 def export_training_set(cfg, sizes, path, sweep=None):
     """Write the training set of size N (sizes = 'N') to path as the study's dataset tools write it
-    (dataset_utils/dataset_size.py and its variants): an uncompressed zip of uncompressed PNGs named
-    00000/img00000000.png.. in class-sorted order, then dataset.json {"labels": [[name, label], ..]}."""
+    (dataset_utils/dataset_size.py and its variants): an uncompressed zip of uncompressed PNGs
+    00000/img00000000.png.. in class-sorted order, then dataset.json {"labels": [[name, label]..]}."""
     if not path.lower().endswith('.zip'):
         raise click.BadParameter(f'{path!r} must end in .zip', param_hint='--export')
     if sweep:

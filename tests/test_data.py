@@ -146,17 +146,17 @@ def test_balanced_subset_rejects_a_class_shorter_than_its_share():
 
 def pillow_rgb_resize(pixels, resolution):
     """Oracle: dataset_tool.py's path, Image.fromarray(HWC uint8).resize((r, r), LANCZOS)."""
-    out = [np.array(Image.fromarray(p.transpose(1, 2, 0)).resize((resolution, resolution),
-                                                                 Image.LANCZOS))
-           for p in pixels]
+    size = (resolution, resolution)
+    out = [np.array(Image.fromarray(p.transpose(1, 2, 0)).resize(size, Image.LANCZOS)) for p in pixels]
     return np.stack(out).transpose(0, 3, 1, 2)
 
 
 @given(seed=SEEDS, n=SMALL, resolution=RESOLUTIONS, factor=FACTORS)
 def test_downsample_of_uint8_equals_pillow_lanczos_of_rgb_images(seed, n, resolution, factor):
-    """downsample keeps uint8 and equals Pillow's LANCZOS resize of the RGB image, pixel for pixel."""
+    """downsample keeps uint8 and equals Pillow's LANCZOS resize of the RGB image, pixel by pixel."""
     rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, size=(n, 3, resolution * factor, resolution * factor), dtype=np.uint8)
+    H = resolution * factor
+    pixels = rng.integers(0, 256, size=(n, 3, H, H), dtype=np.uint8)
     out = memdiff.downsample(pixels, resolution)
     assert out.dtype == np.uint8 and out.shape == (n, 3, resolution, resolution)
     assert np.array_equal(out, pillow_rgb_resize(pixels, resolution))
@@ -445,7 +445,7 @@ def test_export_round_trips_and_has_the_study_layout(tmp_path, mode, n):
 
 
 def test_export_of_float_digits_writes_their_8bit_rounding(tmp_path):
-    """Digits (not uint8) export as grayscale PNGs of to_uint8(y); reloaded they are quantize_uint8(y)."""
+    """Digits (not uint8) export as grayscale PNGs of to_uint8(y), reloaded as quantize_uint8(y)."""
     out = tmp_path / 'digits.zip'
     result = export('--sizes', 20, '--resolution', 4, '--export', out)
     assert result.exit_code == 0, result.output
@@ -465,7 +465,7 @@ def test_export_of_float_digits_writes_their_8bit_rounding(tmp_path):
     (['--sizes', '1797', '--export', 'set.zip'], 'fewer than its share'),
 ])
 def test_export_rejects_bad_input_with_a_one_line_error(tmp_path, monkeypatch, args, message):
-    """A path not ending in .zip, other than one size, or an impossible size: one-line error, no file."""
+    """No .zip suffix, not exactly one size, or an impossible size: a one-line error, no file."""
     monkeypatch.chdir(tmp_path)
     result = export(*args)
     assert result.exit_code != 0
