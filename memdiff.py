@@ -268,11 +268,10 @@ def max_subset_size(labels):
     With classes of unequal size not every smaller size need exist beyond it."""
     if isinstance(labels, int):
         return labels
-    labels = torch.as_tensor(labels)
-    counts = {c: int((labels == c).sum()) for c in torch.unique(labels).tolist()}
-    for n in range(1, len(labels) + 1):
-        classes, shares = _class_shares(labels, n)
-        if any(counts[c] < s for c, s in zip(classes, shares)):
+    counts = torch.unique(torch.as_tensor(labels), return_counts=True)[1].tolist()
+    C, first = len(counts), min(counts[:-1], default=len(labels))
+    for n in range(1, len(labels) + 1):                     # the shares of _class_shares
+        if n // C > first or n - (n // C) * (C - 1) > counts[-1]:
             return n - 1
     return len(labels)
 

@@ -89,9 +89,14 @@ def test_balanced_subset_takes_the_first_k_of_each_class_in_class_sorted_order(n
 
 @given(labels=SMALL_LABELS, data=st.data())
 def test_balanced_subset_matches_the_hand_scan_on_any_labelling(labels, data):
-    """On any labelling with enough images per class, balanced_subset equals the hand scan."""
-    n = data.draw(st.integers(1, memdiff.max_subset_size(torch.tensor(labels))))
+    """On any labelling, balanced_subset equals the hand scan for every n up to max_subset_size, and
+    the next size leaves some class short of its share."""
+    top = memdiff.max_subset_size(torch.tensor(labels))
+    n = data.draw(st.integers(1, top))
     assert memdiff.balanced_subset(torch.tensor(labels), n).tolist() == first_k_by_hand(labels, n)
+    if top < len(labels):
+        with pytest.raises(ValueError, match='fewer than its share'):
+            memdiff.balanced_subset(torch.tensor(labels), top + 1)
 
 
 @given(sizes=st.tuples(SUBSET_SIZES, SUBSET_SIZES))
