@@ -1,7 +1,7 @@
 """memdiff: a single-file reference implementation of "On Memorization in Diffusion Models".
 
 What is in this file, in the order of the science:
-  1. data           -- the bundled digits, .npz, CIFAR-10 and EDM-style PNG zips; nested balanced subsets
+  1. data           -- the bundled digits, .npz, CIFAR-10 and PNG zips; the study's first-k subsets
   2. network        -- the DDPM++ / NCSN++ U-Net of the study, parameter for parameter [2, 3]
   3. precond        -- EDM, VP and VE preconditioning D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) [2]
   4. losses         -- per-sample denoising score-matching losses of EDM, VP and VE [2]
@@ -31,12 +31,14 @@ import json
 import math
 import os
 import pickle
+import random
 import tarfile
 import zipfile
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,14 +46,17 @@ from torch import nn
 DATA_DIR = Path(__file__).resolve().parent / 'data'
 
 #----------------------------------------------------------------------------
-# 1. Data. Images are float32 [N, C, H, W] in [-1, 1] (the study scales pixels as x/127.5 - 1),
-# labels int64 [N] or None. No augmentation, no x-flip: the study trains on the raw subset.
+# 1. Data. Images are float32 [N, C, H, W] in [-1, 1] (the study scales pixels as u/127.5 - 1),
+# labels int64 [N] or None. The builders are the study's dataset tools [1, dataset_utils/]: the first
+# |D|/C images of each class in file order, LANCZOS down-sampling on uint8 pixels, and its label
+# draws. No augmentation, no x-flip: the study trains on the raw subset.
 
 def _fail(source, problem):
     raise ValueError(f'{source}: {problem}')
 
 def _check_images(images, source):
-    """Validate and convert an array of images to float32 [N, C, H, W] in [-1, 1]."""
+    """Validate an array of images -> numpy [N, C, H, W]: uint8 kept as uint8, anything else as
+    float32 in [-1, 1]. Pixels stay uint8 until after resizing, as in the study's tools."""
     images = np.asarray(images)
     if images.ndim == 3:                                    # [N, H, W]: one channel
         images = images[:, None]
@@ -65,7 +70,7 @@ def _check_images(images, source):
     if images.shape[0] == 0:
         _fail(source, 'the data set holds no images')
     if images.dtype == np.uint8:
-        images = images.astype(np.float32) / 127.5 - 1
+        pass
     elif np.issubdtype(images.dtype, np.number) and not np.issubdtype(images.dtype, np.complexfloating):
         images = images.astype(np.float32)
         if not np.isfinite(images).all():
@@ -75,7 +80,7 @@ def _check_images(images, source):
                   f'[{images.min():.3g}, {images.max():.3g}]')
     else:
         _fail(source, f'images have unsupported dtype {images.dtype}')
-    return torch.from_numpy(np.ascontiguousarray(images))
+    return np.ascontiguousarray(images)
 
 def _check_labels(labels, n, source):
     """Validate labels: int64 [N] with values >= 0, or None."""
@@ -101,23 +106,25 @@ def _load_digits():
         _fail(path, 'the bundled digits are missing from the installation')
     with gzip.open(path, 'rt') as f:
         table = np.loadtxt(f, delimiter=',', dtype=np.float32)
-    images = table[:, :64].reshape(-1, 1, 8, 8) / 8 - 1
-    return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(table[:, 64].astype(np.int64))
+    images = table[:, :64].reshape(-1, 1, 8, 8) / 8 - 1    # not uint8: kept float32 (SPEC §8)
+    return np.ascontiguousarray(images), torch.from_numpy(table[:, 64].astype(np.int64))
 
 def _load_npz(path):
     """The study's npz layout: 'images' (NCHW or NHWC, uint8 or float) and optional 'labels'."""
+    if not zipfile.is_zipfile(path):                        # numpy would talk of pickles instead
+        _fail(path, 'not a valid .npz file (an .npz is a zip of .npy arrays)')
     try:
         with np.load(path, allow_pickle=False) as z:
             if 'images' not in z:
                 _fail(path, f"no 'images' array in the npz (found: {', '.join(z.files) or 'nothing'})")
             images, labels = z['images'], (z['labels'] if 'labels' in z else None)
-    except (OSError, zipfile.BadZipFile, EOFError) as e:
-        _fail(path, f'not a readable .npz file ({e})')
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as e:
+        _fail(path, f'not a valid .npz file ({e})')
     images = _check_images(images, path)
     return images, _check_labels(labels, len(images), path)
 
 def _load_cifar10(path):
-    """CIFAR-10 python version (tar.gz or extracted folder): the five training batches."""
+    """CIFAR-10 python version (tar.gz or extracted folder): the five training batches, in order."""
     names = [f'data_batch_{i}' for i in range(1, 6)]
     batches = []
     try:
@@ -138,17 +145,14 @@ def _load_cifar10(path):
     return _check_images(images, path), _check_labels(labels, len(images), path)
 
 def _load_png_zip(path):
-    """EDM-style zip of PNGs with optional dataset.json {"labels": [[name, label], ...]}."""
-    try:
-        from PIL import Image
-    except ImportError:
-        _fail(path, "reading PNG zips needs Pillow: pip install 'memdiff[png]'")
+    """EDM-style zip of PNGs with optional dataset.json {"labels": [[name, label], ...]}, the images
+    in sorted name order as EDM's ImageFolderDataset reads them."""
     try:
         with zipfile.ZipFile(path) as z:
             names = sorted(n for n in z.namelist() if n.lower().endswith('.png'))
             if not names:
                 _fail(path, 'the zip holds no PNG images')
-            images = [np.array(Image.open(io.BytesIO(z.read(n)))) for n in names]
+            images = [np.array(PIL.Image.open(io.BytesIO(z.read(n)))) for n in names]
             meta = json.loads(z.read('dataset.json')) if 'dataset.json' in z.namelist() else {}
     except (OSError, zipfile.BadZipFile, json.JSONDecodeError) as e:
         _fail(path, f'not a readable zip of PNGs ({e})')
@@ -156,7 +160,7 @@ def _load_png_zip(path):
         _fail(path, 'the PNG images do not all have the same shape')
     images = np.stack(images)
     labels = None
-    if meta.get('labels') is not None:
+    if (meta or {}).get('labels') is not None:
         table = dict(meta['labels'])
         if set(names) - set(table):
             _fail(path, 'dataset.json has no label for some images')
@@ -164,11 +168,30 @@ def _load_png_zip(path):
     return _check_images(images, path), _check_labels(labels, len(images), path)
 
 def downsample(images, resolution):
-    """Area-average images [N, C, H, W] down to [N, C, resolution, resolution]."""
+    """Resize images [N, C, H, W] to [N, C, resolution, resolution] with Pillow's LANCZOS filter, as
+    the study's dataset_tool.py does; uint8 stays uint8 (Pillow rounds and clips), float stays float.
+    Takes and returns a numpy array or a torch tensor; resolution == H returns the input."""
     H = images.shape[-1]
-    if resolution < 1 or H % resolution or images.shape[-2] != H:
-        raise ValueError(f'resolution {resolution} must divide the square image size {H}')
-    return F.avg_pool2d(images, H // resolution) if resolution != H else images
+    if images.shape[-2] != H:
+        raise ValueError(f'images must be square to resize, got {H} x {images.shape[-2]}')
+    # dataset_tool.py refuses outputs whose side is not a power of two.
+    if resolution < 1 or resolution & (resolution - 1) or resolution > H:
+        raise ValueError(f'resolution {resolution} must be a power of two no larger than the image '
+                         f'size {H}')
+    if resolution == H:
+        return images
+    x = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    # One channel at a time: mode 'L' for uint8 gives exactly Pillow's RGB resize of dataset_tool.py
+    # (Pillow filters each band alone); float sources (the digits) use mode 'F', the same filter
+    # without rounding, clipped to [-1, 1] as Pillow clips uint8 to 0..255.
+    out = np.empty(x.shape[:2] + (resolution, resolution), x.dtype)
+    for i in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            band = PIL.Image.fromarray(np.ascontiguousarray(x[i, c]))
+            out[i, c] = np.asarray(band.resize((resolution, resolution), PIL.Image.LANCZOS))
+    if out.dtype != np.uint8:
+        out = out.clip(-1, 1)
+    return torch.from_numpy(out) if isinstance(images, torch.Tensor) else out
 
 def load_dataset(spec, resolution=None, classes=None):
     """Load a data set by name or path -> (images float32 [N, C, H, W] in [-1, 1], labels [N] or None)."""
@@ -189,25 +212,38 @@ def load_dataset(spec, resolution=None, classes=None):
             images, labels = _load_png_zip(path)
         else:
             _fail(spec, 'unknown data format (expected .npz, .tar.gz, a folder or .zip)')
-    if classes is not None:
+    if classes is not None:                                 # classes 0..C-1 [dataset_diversity.py]
         if labels is None:
             _fail(spec, f'classes={classes} needs labels, and the data set has none')
         num_classes = int(labels.max()) + 1
         if not 1 <= classes <= num_classes:
             _fail(spec, f'classes={classes} but the data set has {num_classes} classes')
-        keep = labels < classes
+        keep = (labels < classes).numpy()
         images, labels = images[keep], labels[keep]
     if resolution is not None:
         try:
             images = downsample(images, resolution)
         except ValueError as e:
             _fail(spec, str(e))
+    images = torch.from_numpy(np.ascontiguousarray(images))
+    if images.dtype == torch.uint8:
+        images = images.float() / 127.5 - 1                 # u/127.5 - 1 [training/training_loop.py]
     return images.contiguous(), labels
 
-def balanced_subset(labels, n, seed=0):
-    """Indices [n] of a nested subset: class-balanced (n//C per class, the remainder to the lowest
-    classes; a class with too few images gives its share to the others) for labels [N]; a seeded
-    random subset when labels is an int N (an unlabelled set)."""
+def _class_shares(labels, n):
+    """(classes present [C], images taken from each [C]) of the study's first-k rule for size n."""
+    classes = torch.unique(labels)                          # ascending: 0..C-1 for the study's data
+    C = len(classes)
+    k = n // C
+    shares = [k] * (C - 1) + [n - k * (C - 1)]              # the remainder goes to the last class
+    return classes.tolist(), shares
+
+def balanced_subset(labels, n):
+    """Indices [n] of the study's training set of size n, class-sorted: for each class c = 0..C-1 the
+    first k = n // C images of c in file order, the last class taking n - k (C - 1) (dataset_size.py
+    for C | n, dataset_diversity.py otherwise); the first n images when labels is an int N
+    (unlabelled). No seed. Subset m lies inside subset n >= m iff the last class's share does not
+    shrink, m - (C-1) floor(m/C) <= n - (C-1) floor(n/C): always when C divides m."""
     if isinstance(labels, int):
         N = labels
     elif labels is None:
@@ -216,29 +252,33 @@ def balanced_subset(labels, n, seed=0):
         N = len(labels)
     if not 1 <= n <= N:
         raise ValueError(f'subset size {n} must lie in 1..{N} (the data set size)')
-    g = torch.Generator().manual_seed(seed)
-    if isinstance(labels, int):                             # a prefix of one permutation: nested
-        return torch.randperm(N, generator=g)[:n].sort().values
-    classes = torch.unique(labels)
-    members = [torch.nonzero(labels == c).flatten() for c in classes.tolist()]
-    # Balanced up to the classes' sizes: every class gets min(its size, L) for the largest level L
-    # that fits, and the rest go one each to the lowest classes that still have images. Each
-    # class's share only grows with n, and each class keeps the first k of one fixed permutation:
-    # smaller subsets are nested in larger ones (the study's subsets grow by adding images).
-    caps = [len(m) for m in members]
-    L = 0
-    while L < max(caps) and sum(min(cap, L + 1) for cap in caps) <= n:
-        L += 1
-    rest = n - sum(min(cap, L) for cap in caps)
+    if isinstance(labels, int):
+        return torch.arange(n)
+    labels = torch.as_tensor(labels)
     picks = []
-    for m, cap in zip(members, caps):
-        k = min(cap, L) + (1 if cap > L and rest > 0 else 0)
-        rest -= k - min(cap, L)
-        picks.append(m[torch.randperm(cap, generator=g)[:k]])
-    return torch.cat(picks).sort().values
+    for c, share in zip(*_class_shares(labels, n)):
+        members = torch.nonzero(labels == c).flatten()      # file order
+        if len(members) < share:
+            raise ValueError(f'subset size {n}: class {c} has {len(members)} images, fewer than '
+                             f'its share {share} of the first-k rule')
+        picks.append(members[:share])
+    return torch.cat(picks)
 
-def assign_labels(labels, mode, seed=0, n=None):
-    """Class labels for training under a label mode -> (labels int64 [n] or None, label_dim)."""
+def max_subset_size(labels):
+    """The largest n such that balanced_subset(labels, m) exists for every m in 1..n (an int N: N).
+    With classes of unequal size not every smaller size need exist beyond it."""
+    if isinstance(labels, int):
+        return labels
+    counts = torch.unique(torch.as_tensor(labels), return_counts=True)[1].tolist()
+    C, first = len(counts), min(counts[:-1], default=len(labels))
+    for n in range(1, len(labels) + 1):                     # the shares of _class_shares
+        if n // C > first or n - (n // C) * (C - 1) > counts[-1]:
+            return n - 1
+    return len(labels)
+
+def assign_labels(labels, mode, n=None):
+    """Class labels of the study's files for a training set in class-sorted order -> (labels int64
+    [n] or None, label_dim = max label + 1, as EDM's dataset reads it; 0 for 'none')."""
     mode = str(mode)
     if mode == 'none':
         return None, 0
@@ -250,7 +290,7 @@ def assign_labels(labels, mode, seed=0, n=None):
     if n is None:
         raise ValueError(f"label mode '{mode}' needs the subset size n when the data has no labels")
     if mode == 'unique':
-        return torch.arange(n), n                           # one class per image [1, sec. 6]
+        return torch.arange(n), n                           # image i: label i [dataset_unique.py]
     if mode.startswith('random:'):
         try:
             C = int(mode.split(':', 1)[1])
@@ -258,8 +298,11 @@ def assign_labels(labels, mode, seed=0, n=None):
             C = 0
         if C < 1:
             raise ValueError(f"label mode '{mode}': random:C needs a whole number of classes C >= 1")
-        g = torch.Generator().manual_seed(seed)
-        return torch.randint(0, C, (n,), generator=g), C
+        # dataset_random.py: random.seed(1024), then one randint(0, C - 1) per image of the set, in
+        # class-sorted order. A private Random(1024) draws the same sequence, global state untouched.
+        rng = random.Random(1024)
+        out = torch.tensor([rng.randint(0, C - 1) for _ in range(n)], dtype=torch.int64)
+        return out, int(out.max()) + 1
     raise ValueError(f"unknown label mode '{mode}' (expected none, true, random:C or unique)")
 
 def quantize_uint8(x):
@@ -987,7 +1030,7 @@ def _gather_states(state):
 class EMMConfig:
     """Everything that defines one EMM measurement; the defaults estimate EMM on digits in minutes."""
     data: str = 'digits'
-    resolution: int = None          # down-sample to this resolution (Pillow's LANCZOS, as the study)
+    resolution: int = None          # down-sample to this resolution (Pillow's LANCZOS on uint8)
     classes: int = None             # keep the first C classes
     labels: str = 'none'            # 'none' | 'true' | 'random:C' | 'unique'
     arch: str = 'ddpmpp'

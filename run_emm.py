@@ -8,14 +8,17 @@ folder, the PNG grids and plots, sweeps, and the torchrun process group.
 import contextlib
 import functools
 import hashlib
+import io
 import json
 import os
 import platform
 import sys
+import zipfile
 from pathlib import Path
 
 import click
 import numpy as np
+import PIL.Image
 import torch
 
 import memdiff
@@ -128,9 +131,8 @@ def image_grid(samples, reference, indices, columns=8, scale=None):
 
 def write_png(path, image):
     """Write a uint8 [H, W, C] image (C = 1 or 3) as a PNG."""
-    from PIL import Image
     array = image.numpy()
-    picture = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+    picture = PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
     atomic_write(path, lambda tmp: picture.save(tmp, format='PNG'))
 
 #----------------------------------------------------------------------------
@@ -232,7 +234,8 @@ def emm_search(cfg, outdir, data, sizes=None, lo=16, hi=None, step=1, tolerance=
                device=torch.device('cpu'), progress=None, log=print):
     """Measure the sizes (or search [lo, hi]) of data = (images, labels); record and resume in outdir."""
     images, labels = data
-    hi = len(images) if hi is None else hi
+    if hi is None:                                          # the largest size every class can fill
+        hi = memdiff.max_subset_size(labels if labels is not None else len(images))
     for n in list(sizes or []) + [lo, hi]:
         if not 1 <= n <= len(images):
             raise ValueError(f'size {n} is impossible: the data set {cfg.data} has {len(images)} '
@@ -294,17 +297,21 @@ Examples:
   python run_emm.py --labels unique --sizes 64,256   # one class per image, two sizes
   python run_emm.py --resolution 4 --channels 8      # lower data dimension, narrower network
   python run_emm.py --dry-run --preset paper --data cifar-10-python.tar.gz
+  python run_emm.py --data cifar-10-python.tar.gz --labels random:10 --sizes 1000 --export set.zip
   torchrun --standalone --nproc_per_node=8 run_emm.py --preset paper --data cifar-10-python.tar.gz
 """)
 # Data.
 @click.option('--data', metavar='SPEC', default='digits', show_default=True,
               help="'digits' (bundled), a .npz, a CIFAR-10 python archive/folder, or a PNG zip.")
 @click.option('--resolution', metavar='INT', type=click.IntRange(min=1), default=None,
-              help="Down-sample images to this resolution (Pillow's LANCZOS, as the study).")
+              help="Down-sample to this resolution (Pillow LANCZOS on uint8, as the study).")
 @click.option('--classes', metavar='INT', type=click.IntRange(min=1), default=None,
               help='Keep only the first C classes.')
 @click.option('--labels', metavar='MODE', type=LabelMode(), default='none', show_default=True,
               help='Conditioning: none | true | random:C | unique.')
+@click.option('--export', metavar='PATH.zip', default=None,
+              help="Write the training set of the one --sizes N as the study's dataset tools "
+                   'would (an EDM zip of PNGs with dataset.json), then stop.')
 # Network.
 @click.option('--arch', type=click.Choice(['ddpmpp', 'ncsnpp']), default='ddpmpp', show_default=True,
               help='U-Net architecture.')
@@ -396,6 +403,15 @@ def main(ctx, **opts):
     the same command resumes an interrupted search.
     """
     given = {k for k in opts if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    if opts['export']:
+        try:
+            if opts['preset']:
+                apply_preset(opts, given)
+            export_training_set(make_config(opts, given), opts['sizes'], opts['export'],
+                                opts['sweep'])
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
+        return
     try:
         if opts['preset']:
             apply_preset(opts, given)
@@ -453,12 +469,14 @@ def score_snapshots(opts, device, rank):
     images, labels = dataset(opts['data'], opts['resolution'], opts['classes'])
     if opts['sizes'] and len(opts['sizes']) != 1:
         raise click.BadParameter('--score takes one training-set size', param_hint='--sizes')
+    files = snapshot_files(opts['score_path'])
     n = opts['sizes'][0] if opts['sizes'] else len(images)
-    cfg = memdiff.EMMConfig(labels='none')
-    y = memdiff.training_set(images, labels, n, cfg)[0].to(device)
+    # The training set of size n by the study's rule, or the whole data set (the study's own zip).
+    y = memdiff.training_set(images, labels, n, memdiff.EMMConfig())[0] if opts['sizes'] else images
+    y = y.to(device)
     log = click.echo if rank == 0 else (lambda *a: None)
     rows = []
-    for path in snapshot_files(opts['score_path']):
+    for path in files:
         net = memdiff.load_network(path).to(device)
         shape = (net.net.in_channels, net.net.img_resolution, net.net.img_resolution)
         if shape != tuple(y.shape[1:]):
@@ -603,6 +621,44 @@ class Progress:
         if self.bar is not None:
             self.bar.__exit__(None, None, None)
             self.bar = None
+
+def export_training_set(cfg, sizes, path, sweep=None):
+    """Write the training set of size N (sizes = 'N') to path as the study's dataset tools write it
+    (dataset_utils/dataset_size.py and its variants): an uncompressed zip of uncompressed PNGs
+    00000/img00000000.png.. in class-sorted order, then dataset.json {"labels": [[name, label]..]}."""
+    if not path.lower().endswith('.zip'):
+        raise click.BadParameter(f'{path!r} must end in .zip', param_hint='--export')
+    if sweep:
+        raise click.BadParameter('exports one training set: drop --sweep', param_hint='--export')
+    n = tuple(sizes or ())
+    if len(n) != 1:
+        raise click.BadParameter('needs exactly one size, e.g. --sizes 1000', param_hint='--sizes')
+    images, labels = dataset(cfg.data, cfg.resolution, cfg.classes)
+    y, c, _ = memdiff.training_set(images, labels, n[0], cfg)
+    if c is None and labels is not None:
+        # With --labels none the study's files still carry the true labels (train.py --cond=0
+        # ignores them).
+        c = labels[memdiff.balanced_subset(labels, n[0])]
+    pixels = memdiff.to_uint8(y).permute(0, 2, 3, 1).numpy()          # [n, H, W, C] uint8
+    if pixels.shape[-1] not in (1, 3):
+        raise click.BadParameter(f'the study writes RGB or grayscale images, not {pixels.shape[-1]} '
+                                 'channels', param_hint='--data')
+
+    def write(tmp):
+        with zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED) as z:
+            entries = []
+            for i, img in enumerate(pixels):
+                name = f'{i // 1000:05d}/img{i:08d}.png'
+                png = io.BytesIO()
+                PIL.Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(
+                    png, format='png', compress_level=0, optimize=False)
+                z.writestr(name, png.getbuffer())
+                entries.append([name, int(c[i])] if c is not None else None)
+            z.writestr('dataset.json', json.dumps({'labels': entries if c is not None else None}))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, write)
+    click.echo(f'wrote {len(pixels)} images of shape {tuple(y.shape[1:])} '
+               f'({"no labels" if c is None else f"labels {cfg.labels}"}) to {path}')
 
 def print_table(record, threshold):
     """The final table: size, ratio, 95% CI, best snapshot; then the EMM."""

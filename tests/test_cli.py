@@ -156,13 +156,14 @@ def test_optimum_search_ends_above_range(tmp_path):
 
 
 def test_optimum_search_up_to_the_default_max_size_completes(tmp_path):
-    """Searching up to the default --max-size (all 1,797 digits, classes of unequal size) completes
-    with status 'above range'."""
+    """Searching up to the default --max-size (the largest size the study's first-k rule can build
+    from classes of unequal size: 1,728 of the 1,797 digits) completes with status 'above range'."""
     out = tmp_path / 'run'
     result = invoke('--optimum', '--samples', '8', '--sampler-steps', '3', '--min-size', '1024',
                     '--outdir', out)
     assert result.exit_code == 0, result.output
     assert record(out)['search'].startswith('above range')
+    assert [p['size'] for p in record(out)['points']] == [1024, 1728]
 
 #----------------------------------------------------------------------------
 # Resuming
@@ -363,8 +364,6 @@ BAD_INPUTS = [
     pytest.param(lambda t: opt('--resolution', '9'), ['resolution'], id='resolution-above-image'),
     pytest.param(lambda t: opt('--data', broken(t)), ['broken.npz', 'not a valid .npz'],
                  id='npz-not-a-zip'),
-    pytest.param(lambda t: trained('--lr', '1000', '--steps', '20', '--snapshots', '1'),
-                 ['diverged', 'step'], id='training-diverges'),
     pytest.param(lambda t: opt('--score', t / 'nothing'), ['nothing'], id='score-missing'),
     pytest.param(lambda t: trained('--skips', '1,0'), ['skips'], id='skips-wrong-length'),
     pytest.param(lambda t: opt('--channel-mult', ''), ['--channel-mult'], id='no-levels'),
@@ -466,3 +465,27 @@ def test_folder_in_use_by_a_live_run_is_refused_and_a_stale_lock_is_taken_over(t
     assert result.exit_code == 0, result.output
     assert [p['size'] for p in record(out)['points']] == [16, 24]
     assert not (out / 'lock').exists()
+
+
+def test_lr_1000_stops_with_one_line_naming_the_step_and_records_no_ratio(tmp_path):
+    """A learning rate that blows the loss up is an error naming the step, not a ratio of 0.000."""
+    out = tmp_path / 'run'
+    result = invoke(*TINY, '--sizes', '16', '--steps', '20', '--snapshots', '1', '--lr', '1000',
+                    '--outdir', out)
+    assert_clean_error(result, 'diverged', 'step')
+    assert record(out)['points'] == []
+
+
+def test_a_diverging_size_leaves_the_finished_sizes_intact(tmp_path, monkeypatch):
+    """NaN in the second size's training: the first size's point stays in the record, whole."""
+    calls, edm_loss = [], memdiff.LOSSES['edm']
+
+    def nan_after_the_first_size(*args, **kwargs):
+        calls.append(1)
+        return edm_loss(*args, **kwargs) * (float('nan') if len(calls) > 4 else 1)
+    monkeypatch.setitem(memdiff.LOSSES, 'edm', nan_after_the_first_size)
+    out = tmp_path / 'run'
+    assert_clean_error(invoke(*TINY, '--sizes', '16,24', '--outdir', out), 'diverged', '|D| = 24')
+    points = record(out)['points']
+    assert [p['size'] for p in points] == [16] and len(points[0]['snapshots']) == 2
+

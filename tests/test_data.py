@@ -1,13 +1,18 @@
-"""Data: the bundled digits, npz loading and its errors, subsets, downsampling, labels, 8-bit grid."""
+"""Data: the bundled digits, npz loading and its errors, the study's subsets, LANCZOS
+down-sampling and labels, the 8-bit grid, and --export of the study's files."""
 
 import functools
+import json
+import random
 import re
+import zipfile
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from PIL import Image
 
 import memdiff
 
@@ -18,6 +23,10 @@ RESOLUTIONS = st.sampled_from([1, 2, 4])
 FACTORS = st.sampled_from([1, 2, 4])
 SMALL = st.integers(1, 3)
 RANDOM_CLASSES = st.integers(1, 20)
+# Up to 4 classes over at most 40 images, every class present.
+SMALL_LABELS = st.integers(1, 4).flatmap(
+    lambda C: st.lists(st.integers(0, C - 1), min_size=C, max_size=40)
+    .filter(lambda v: len(set(v)) == C))
 
 
 @functools.cache
@@ -50,33 +59,65 @@ def test_digits_have_ten_balanced_classes_and_no_duplicates():
 
 
 #----------------------------------------------------------------------------
-# Class-balanced nested subsets.
+# The study's training sets: the first k = n // C images of each class, the remainder to the last.
 
-@given(n=SUBSET_SIZES, seed=SEEDS)
-def test_balanced_subset_is_class_balanced(n, seed):
-    """balanced_subset takes n//C distinct images per class, the remainder going to the lowest classes."""
+def first_k_by_hand(labels, n):
+    """Oracle: scan the labels in file order, keep the first share of each class, class-sorted."""
+    labels = list(labels)
+    classes = sorted(set(labels))
+    k = n // len(classes)
+    shares = {c: k for c in classes}
+    shares[classes[-1]] = n - k * (len(classes) - 1)
+    out = []
+    for c in classes:
+        out += [i for i, v in enumerate(labels) if v == c][:shares[c]]
+    return out
+
+
+@given(n=SUBSET_SIZES)
+def test_balanced_subset_takes_the_first_k_of_each_class_in_class_sorted_order(n):
+    """balanced_subset is the first n//C images of each class in file order, the remainder
+    n - (C-1)(n//C) from the last class, class 0's images first."""
     _, labels = digits()
-    idx = memdiff.balanced_subset(labels, n, seed=seed)
+    idx = memdiff.balanced_subset(labels, n)
     assert idx.dtype == torch.int64 and idx.shape == (n,)
-    assert len(torch.unique(idx)) == n
-    assert idx.min().item() >= 0 and idx.max().item() < len(labels)
-    counts = torch.bincount(labels[idx], minlength=10)
-    expected = torch.tensor([n // 10 + (c < n % 10) for c in range(10)])
-    assert torch.equal(counts, expected)
+    assert idx.tolist() == first_k_by_hand(labels.tolist(), n)
+    counts = torch.bincount(labels[idx], minlength=10).tolist()
+    assert counts == [n // 10] * 9 + [n - 9 * (n // 10)]
+    assert torch.equal(labels[idx], labels[idx].sort().values)   # class-sorted
 
 
-@pytest.mark.parametrize('labelled', [True, False], ids=['labels', 'unlabelled'])
-@given(sizes=st.tuples(SUBSET_SIZES, SUBSET_SIZES), seed=SEEDS)
-def test_balanced_subset_is_nested_and_seeded(labelled, sizes, seed):
-    """For one seed, the subset of size m lies inside the subset of size n whenever m <= n."""
+@given(labels=SMALL_LABELS, data=st.data())
+def test_balanced_subset_matches_the_hand_scan_on_any_labelling(labels, data):
+    """On any labelling, balanced_subset equals the hand scan for every n up to max_subset_size, and
+    the next size leaves some class short of its share."""
+    top = memdiff.max_subset_size(torch.tensor(labels))
+    n = data.draw(st.integers(1, top))
+    assert memdiff.balanced_subset(torch.tensor(labels), n).tolist() == first_k_by_hand(labels, n)
+    if top < len(labels):
+        with pytest.raises(ValueError, match='fewer than its share'):
+            memdiff.balanced_subset(torch.tensor(labels), top + 1)
+
+
+@given(sizes=st.tuples(SUBSET_SIZES, SUBSET_SIZES))
+def test_balanced_subset_is_nested_exactly_when_the_last_share_does_not_shrink(sizes):
+    """For m <= n the subset of size m lies inside the one of size n iff the last class's share
+    m - 9 (m//10) <= n - 9 (n//10) (digits, C = 10): always when 10 divides m."""
     _, labels = digits()
-    source = labels if labelled else len(labels)            # an unlabelled set is given by its size
     m, n = sorted(sizes)
-    small = memdiff.balanced_subset(source, m, seed=seed)
-    large = memdiff.balanced_subset(source, n, seed=seed)
-    assert set(small.tolist()) <= set(large.tolist())
-    assert len(torch.unique(large)) == n
-    assert torch.equal(large, memdiff.balanced_subset(source, n, seed=seed))
+    small = set(memdiff.balanced_subset(labels, m).tolist())
+    large = set(memdiff.balanced_subset(labels, n).tolist())
+    assert (small <= large) == (m - 9 * (m // 10) <= n - 9 * (n // 10))
+    if m % 10 == 0:
+        assert small <= large
+
+
+@given(sizes=st.tuples(SUBSET_SIZES, SUBSET_SIZES))
+def test_unlabelled_subset_is_the_first_n_images_and_nested(sizes):
+    """Unlabelled data (labels given as the size N): the subset of size n is images 0..n-1."""
+    m, n = sorted(sizes)
+    assert torch.equal(memdiff.balanced_subset(1797, n), torch.arange(n))
+    assert set(memdiff.balanced_subset(1797, m).tolist()) <= set(range(n))
 
 
 @pytest.mark.parametrize('n', [0, -1, 1798])
@@ -89,34 +130,84 @@ def test_balanced_subset_rejects_sizes_outside_the_data_set(n):
         memdiff.balanced_subset(len(labels), n)
 
 
-def test_balanced_subset_gives_a_short_class_share_to_the_others():
-    """A class with fewer images than its share is taken whole; the rest is balanced and nested."""
+def test_balanced_subset_rejects_a_class_shorter_than_its_share():
+    """A class with fewer images than its share raises ValueError naming the class; max_subset_size
+    is the last size before the first such failure."""
     labels = torch.tensor([0] * 10 + [1] * 2 + [2] * 10)
-    counts = [torch.bincount(labels[memdiff.balanced_subset(labels, n)], minlength=3).tolist()
-              for n in (3, 8, 21, 22)]
-    assert counts == [[1, 1, 1], [3, 2, 3], [10, 2, 9], [10, 2, 10]]
-    subsets = [set(memdiff.balanced_subset(labels, n).tolist()) for n in range(1, 23)]
-    assert all(a <= b for a, b in zip(subsets, subsets[1:]))
+    assert [torch.bincount(labels[memdiff.balanced_subset(labels, n)]).tolist()
+            for n in (3, 7, 8)] == [[1, 1, 1], [2, 2, 3], [2, 2, 4]]
+    with pytest.raises(ValueError, match='class 1 has 2 images'):
+        memdiff.balanced_subset(labels, 9)
+    assert memdiff.max_subset_size(labels) == 8
+    _, digit_labels = digits()
+    top = memdiff.max_subset_size(digit_labels)
+    memdiff.balanced_subset(digit_labels, top)
+    with pytest.raises(ValueError, match='fewer than its share'):
+        memdiff.balanced_subset(digit_labels, top + 1)
 
 
 #----------------------------------------------------------------------------
-# Downsampling and the loader's builders.
+# Down-sampling: Pillow's LANCZOS on uint8 pixels, as the study's dataset_tool.py.
+
+def pillow_rgb_resize(pixels, resolution):
+    """Oracle: dataset_tool.py's path, Image.fromarray(HWC uint8).resize((r, r), LANCZOS)."""
+    size = (resolution, resolution)
+    out = [np.array(Image.fromarray(p.transpose(1, 2, 0)).resize(size, Image.LANCZOS)) for p in pixels]
+    return np.stack(out).transpose(0, 3, 1, 2)
+
+
+@given(seed=SEEDS, n=SMALL, resolution=RESOLUTIONS, factor=FACTORS)
+def test_downsample_of_uint8_equals_pillow_lanczos_of_rgb_images(seed, n, resolution, factor):
+    """downsample keeps uint8 and equals Pillow's LANCZOS resize of the RGB image, pixel by pixel."""
+    rng = np.random.default_rng(seed)
+    H = resolution * factor
+    pixels = rng.integers(0, 256, size=(n, 3, H, H), dtype=np.uint8)
+    out = memdiff.downsample(pixels, resolution)
+    assert out.dtype == np.uint8 and out.shape == (n, 3, resolution, resolution)
+    assert np.array_equal(out, pillow_rgb_resize(pixels, resolution))
+    as_tensor = memdiff.downsample(torch.from_numpy(pixels), resolution)
+    assert torch.equal(as_tensor, torch.from_numpy(out))
+
 
 @given(seed=SEEDS, n=SMALL, channels=SMALL, resolution=RESOLUTIONS, factor=FACTORS)
-def test_downsample_equals_block_means(seed, n, channels, resolution, factor):
-    """downsample to r averages each non-overlapping (H/r)x(H/r) block, checked by explicit loops."""
-    g = torch.Generator().manual_seed(seed)
+def test_downsample_of_floats_is_the_same_filter_without_rounding(seed, n, channels, resolution,
+                                                                  factor):
+    """On 8-bit images the float path lies within 1.5 grid steps of the uint8 path (which rounds
+    after each of its two passes), stays in [-1, 1], and maps constant images to themselves."""
+    rng = np.random.default_rng(seed)
     H = resolution * factor
-    images = torch.rand(n, channels, H, H, generator=g) * 2 - 1
-    out = memdiff.downsample(images, resolution)
-    assert out.shape == (n, channels, resolution, resolution)
-    expected = torch.empty(n, channels, resolution, resolution, dtype=torch.float64)
-    x = images.double()
-    for i in range(resolution):
-        for j in range(resolution):
-            block = x[:, :, i * factor:(i + 1) * factor, j * factor:(j + 1) * factor]
-            expected[:, :, i, j] = block.mean(dim=(2, 3))
-    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-6)
+    # Mid-range pixels: LANCZOS overshoots, and the uint8 path clips after each pass, the float
+    # path only at the end; within 64..191 neither clips, so only the rounding differs.
+    pixels = rng.integers(64, 192, size=(n, channels, H, H), dtype=np.uint8)
+    floats = torch.from_numpy(pixels.astype(np.float32) / 127.5 - 1)
+    out = memdiff.downsample(floats, resolution)
+    assert out.dtype == torch.float32 and out.shape == (n, channels, resolution, resolution)
+    grid = torch.from_numpy(memdiff.downsample(pixels, resolution).astype(np.float32)) / 127.5 - 1
+    assert (out - grid).abs().max().item() <= 1.5 / 127.5
+    assert out.min().item() >= -1 and out.max().item() <= 1
+    flat = torch.full((1, channels, H, H), float(rng.uniform(-1, 1)), dtype=torch.float32)
+    torch.testing.assert_close(memdiff.downsample(flat, resolution),
+                               flat[..., :resolution, :resolution], rtol=0, atol=1e-5)
+
+
+def test_downsample_to_the_same_size_is_the_identity():
+    """downsample with resolution == H returns the images unchanged (uint8 and float)."""
+    pixels = np.random.default_rng(0).integers(0, 256, size=(2, 3, 8, 8), dtype=np.uint8)
+    assert memdiff.downsample(pixels, 8) is pixels
+    images, _ = digits()
+    assert torch.equal(memdiff.downsample(images, 8), images)
+
+
+def test_load_dataset_resizes_uint8_before_scaling(tmp_path):
+    """A uint8 npz loaded at a lower resolution equals Pillow's LANCZOS of its pixels, then
+    u/127.5 - 1: every pixel lies on the 8-bit grid."""
+    pixels = np.random.default_rng(2).integers(0, 256, size=(6, 3, 16, 16), dtype=np.uint8)
+    path = _write_npz(tmp_path / 'rgb.npz', images=pixels)
+    images, _ = memdiff.load_dataset(path, resolution=4)
+    expected = torch.from_numpy(pillow_rgb_resize(pixels, 4).astype(np.float32) / 127.5 - 1)
+    assert torch.equal(images, expected)
+    u = (images.double() + 1) * 127.5
+    assert torch.allclose(u, u.round(), rtol=0, atol=1e-4)
 
 
 def test_load_dataset_resolution_and_classes_build_on_the_full_set():
@@ -192,7 +283,8 @@ MALFORMED = {
     'nan_pixels': ('nan.npz', dict(images=_nan_images()), {}),
     'inf_pixels': ('inf.npz', dict(images=_inf_images()), {}),
     'label_length_mismatch': ('short.npz', dict(images=_good_images(), labels=np.arange(3)), {}),
-    'resolution_not_dividing': ('res.npz', dict(images=_good_images()), dict(resolution=3)),
+    'resolution_not_power_of_two': ('res.npz', dict(images=_good_images()), dict(resolution=3)),
+    'resolution_above_size': ('big.npz', dict(images=_good_images()), dict(resolution=8)),
     'too_many_classes': ('cls.npz', dict(images=_good_images(), labels=np.array([0, 1, 0, 1])),
                          dict(classes=3)),
 }
@@ -228,21 +320,45 @@ def test_assign_labels_none_true_and_unique():
     assert torch.equal(out, labels) and dim == 5
     out, dim = memdiff.assign_labels(labels, 'unique')
     assert torch.equal(out, torch.arange(5)) and dim == 5
+    out, dim = memdiff.assign_labels(None, 'unique', n=7)
+    assert torch.equal(out, torch.arange(7)) and dim == 7
 
 
-@given(num_classes=RANDOM_CLASSES, seed=SEEDS)
-def test_assign_labels_random_draws_seeded_labels_in_range(num_classes, seed):
-    """'random:C' gives int64 labels in [0, C) for every image, the same for the same seed."""
+def study_random_labels(n, num_classes):
+    """Oracle: dataset_random.py's draws, random.seed(1024) then randint(0, C-1) per image, on the
+    module's global generator (whose state is saved and restored around the draws)."""
+    state = random.getstate()
+    try:
+        random.seed(1024)
+        return [random.randint(0, num_classes - 1) for _ in range(n)]
+    finally:
+        random.setstate(state)
+
+
+@given(num_classes=RANDOM_CLASSES, n=SUBSET_SIZES)
+def test_assign_labels_random_draws_the_study_sequence(num_classes, n):
+    """'random:C' gives the n draws of random.seed(1024); randint(0, C-1), in class-sorted order,
+    with label_dim = max label + 1, and leaves Python's global random state untouched."""
     _, labels = digits()
-    out, dim = memdiff.assign_labels(labels[:50], f'random:{num_classes}', seed=seed)
-    assert dim == num_classes
-    assert out.dtype == torch.int64 and out.shape == (50,)
-    assert out.min().item() >= 0 and out.max().item() < num_classes
-    again, _ = memdiff.assign_labels(labels[:50], f'random:{num_classes}', seed=seed)
-    assert torch.equal(out, again)
-    if num_classes > 1:
-        other, _ = memdiff.assign_labels(labels[:50], f'random:{num_classes}', seed=seed + 1)
-        assert not torch.equal(out, other)                  # 50 draws agree with odds <= 2**-50
+    subset = labels[memdiff.balanced_subset(labels, n)]
+    before = random.getstate()
+    out, dim = memdiff.assign_labels(subset, f'random:{num_classes}')
+    assert random.getstate() == before
+    assert out.dtype == torch.int64 and out.shape == (n,)
+    assert out.tolist() == study_random_labels(n, num_classes)
+    assert dim == max(out.tolist()) + 1 and dim <= num_classes
+    unlabelled, _ = memdiff.assign_labels(None, f'random:{num_classes}', n=n)
+    assert torch.equal(unlabelled, out)                     # the draws ignore the true labels
+
+
+def test_training_set_uses_the_study_rules():
+    """training_set = images[balanced_subset] with the label mode's labels (no seed involved)."""
+    images, labels = digits()
+    for seed in (0, 1):
+        cfg = memdiff.EMMConfig(labels='random:3', seed=seed)
+        y, c, dim = memdiff.training_set(images, labels, 25, cfg)
+        assert torch.equal(y, images[first_k_by_hand(labels.tolist(), 25)])
+        assert c.tolist() == study_random_labels(25, 3) and dim == max(c.tolist()) + 1
 
 
 @pytest.mark.parametrize('labels, mode', [
@@ -288,3 +404,75 @@ def test_quantize_uint8_is_idempotent_and_keeps_the_range_ends(seed):
     assert torch.equal(memdiff.quantize_uint8(q), q)
     ends = memdiff.quantize_uint8(torch.tensor([-1.0, 1.0]))
     assert ends.tolist() == [-1.0, 1.0]
+
+
+#----------------------------------------------------------------------------
+# --export: the training set written as the study's dataset tools write it.
+
+def export(*args):
+    """Run `run_emm.py ... --export` in-process -> click's result."""
+    from click.testing import CliRunner
+    import run_emm
+    return CliRunner().invoke(run_emm.main, [str(a) for a in args])
+
+
+def rgb_npz(tmp_dir):
+    """1,200 uint8 RGB images 4x4 whose 10 classes are shuffled in file order."""
+    rng = np.random.default_rng(5)
+    pixels = rng.integers(0, 256, size=(1200, 3, 4, 4), dtype=np.uint8)
+    labels = rng.permutation(np.arange(1200) % 10)
+    return _write_npz(tmp_dir / 'rgb1200.npz', images=pixels, labels=labels)
+
+
+@pytest.mark.parametrize('mode, n', [('true', 1005), ('none', 30), ('random:7', 30), ('unique', 30)])
+def test_export_round_trips_and_has_the_study_layout(tmp_path, mode, n):
+    """--export writes n PNGs 00000/img00000000.png.. (1,000 per folder, stored, uncompressed) and
+    dataset.json {"labels": [[name, label], ..]}; loading it gives training_set's images and labels
+    (the true labels for mode 'none', as dataset_size.py writes them)."""
+    data = rgb_npz(tmp_path)
+    out = tmp_path / 'set.zip'
+    result = export('--data', data, '--labels', mode, '--sizes', n, '--export', out)
+    assert result.exit_code == 0, result.output
+    images, labels = memdiff.load_dataset(data)
+    y, c, _ = memdiff.training_set(images, labels, n, memdiff.EMMConfig(labels=mode))
+    if mode == 'none':
+        c = labels[memdiff.balanced_subset(labels, n)]
+    names = [f'{i // 1000:05d}/img{i:08d}.png' for i in range(n)]
+    with zipfile.ZipFile(out) as z:
+        assert z.namelist() == names + ['dataset.json']
+        assert all(info.compress_type == zipfile.ZIP_STORED for info in z.infolist())
+        assert json.loads(z.read('dataset.json')) == {'labels': [[m, v] for m, v in
+                                                                 zip(names, c.tolist())]}
+        first = Image.open(z.open(names[0]))
+        assert first.mode == 'RGB' and first.size == (4, 4)
+    loaded, loaded_labels = memdiff.load_dataset(str(out))
+    assert torch.equal(loaded, y) and torch.equal(loaded_labels, c)
+
+
+def test_export_of_float_digits_writes_their_8bit_rounding(tmp_path):
+    """Digits (not uint8) export as grayscale PNGs of to_uint8(y), reloaded as quantize_uint8(y)."""
+    out = tmp_path / 'digits.zip'
+    result = export('--sizes', 20, '--resolution', 4, '--export', out)
+    assert result.exit_code == 0, result.output
+    images, labels = memdiff.load_dataset('digits', resolution=4)
+    y, _, _ = memdiff.training_set(images, labels, 20, memdiff.EMMConfig())
+    with zipfile.ZipFile(out) as z:
+        assert Image.open(z.open('00000/img00000000.png')).mode == 'L'
+    loaded, loaded_labels = memdiff.load_dataset(str(out))
+    assert torch.equal(loaded, memdiff.quantize_uint8(y))
+    assert torch.equal(loaded_labels, labels[memdiff.balanced_subset(labels, 20)])
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--sizes', '20', '--export', 'set.npz'], 'must end in .zip'),
+    (['--sizes', '20,40', '--export', 'set.zip'], 'exactly one size'),
+    (['--export', 'set.zip'], 'exactly one size'),
+    (['--sizes', '1797', '--export', 'set.zip'], 'fewer than its share'),
+])
+def test_export_rejects_bad_input_with_a_one_line_error(tmp_path, monkeypatch, args, message):
+    """No .zip suffix, not exactly one size, or an impossible size: a one-line error, no file."""
+    monkeypatch.chdir(tmp_path)
+    result = export(*args)
+    assert result.exit_code != 0
+    assert message in result.output and 'Traceback' not in result.output
+    assert list(tmp_path.iterdir()) == []
