@@ -123,6 +123,17 @@ def _load_npz(path):
     images = _check_images(images, path)
     return images, _check_labels(labels, len(images), path)
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """CIFAR-10's batches are dicts of bytes, lists and numpy arrays: nothing else is unpickled."""
+    ARRAYS = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+              ('numpy', 'ndarray'), ('numpy', 'dtype'),
+              ('_codecs', 'encode')}                        # bytes, as Python 3 writes protocol 2
+
+    def find_class(self, module, name):
+        if (module, name) in self.ARRAYS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f'refuses {module}.{name}: a batch holds arrays only')
+
 def _load_cifar10(path):
     """CIFAR-10 python version (tar.gz or extracted folder): the five training batches, in order."""
     names = [f'data_batch_{i}' for i in range(1, 6)]
@@ -132,12 +143,12 @@ def _load_cifar10(path):
             folder = path / 'cifar-10-batches-py' if (path / 'cifar-10-batches-py').is_dir() else path
             for name in names:
                 with open(folder / name, 'rb') as f:
-                    batches.append(pickle.load(f, encoding='latin1'))
+                    batches.append(_ArrayUnpickler(f, encoding='latin1').load())
         else:
             with tarfile.open(path, 'r:gz') as tar:
                 for name in names:
-                    batches.append(pickle.load(tar.extractfile(f'cifar-10-batches-py/{name}'),
-                                               encoding='latin1'))
+                    f = tar.extractfile(f'cifar-10-batches-py/{name}')
+                    batches.append(_ArrayUnpickler(f, encoding='latin1').load())
     except (OSError, KeyError, tarfile.TarError, pickle.UnpicklingError, EOFError) as e:
         _fail(path, f'not a CIFAR-10 python archive ({e})')
     images = np.concatenate([b['data'] for b in batches]).reshape(-1, 3, 32, 32)
@@ -195,6 +206,10 @@ def downsample(images, resolution):
 
 def load_dataset(spec, resolution=None, classes=None):
     """Load a data set by name or path -> (images float32 [N, C, H, W] in [-1, 1], labels [N] or None)."""
+    return prepare_dataset(*read_dataset(spec), resolution, classes, spec)
+
+def read_dataset(spec):
+    """The pixels of a data set as stored -> (uint8 or float32 array [N, C, H, W], labels [N] or None)."""
     spec = str(spec)
     if spec == 'digits':
         images, labels = _load_digits()
@@ -212,6 +227,10 @@ def load_dataset(spec, resolution=None, classes=None):
             images, labels = _load_png_zip(path)
         else:
             _fail(spec, 'unknown data format (expected .npz, .tar.gz, a folder or .zip)')
+    return images, labels
+
+def prepare_dataset(images, labels, resolution=None, classes=None, spec='data'):
+    """The first C classes, down-sampled as the study -> (float32 [N, C, H, W] in [-1, 1], labels)."""
     if classes is not None:                                 # classes 0..C-1 [dataset_diversity.py]
         if labels is None:
             _fail(spec, f'classes={classes} needs labels, and the data set has none')

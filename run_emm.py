@@ -531,10 +531,15 @@ def sweep_values(ctx, opts):
         runs.append((v, o))
     return runs
 
+@functools.lru_cache(maxsize=1)
+def stored(data):
+    """The pixels of a data set as stored: read once per run."""
+    return memdiff.read_dataset(data)
+
 @functools.lru_cache(maxsize=4)
 def dataset(data, resolution, classes):
-    """The data set of a configuration, loaded once per run."""
-    return memdiff.load_dataset(data, resolution, classes)
+    """The data set of a configuration (its classes, its resolution)."""
+    return memdiff.prepare_dataset(*stored(data), resolution, classes, data)
 
 def make_config(o, given=()):
     """Options -> memdiff.EMMConfig, checked against the data set (ValueError on impossible values)."""

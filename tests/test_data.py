@@ -476,3 +476,61 @@ def test_export_rejects_bad_input_with_a_one_line_error(tmp_path, monkeypatch, a
     assert result.exit_code != 0
     assert message in result.output and 'Traceback' not in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+#----------------------------------------------------------------------------
+# CIFAR-10's python archive
+
+def write_cifar(root, batches, as_tar=True):
+    """A CIFAR-10 python archive (tar.gz or folder) holding the given batch dicts."""
+    import pickle
+    import tarfile
+    folder = root / 'cifar-10-batches-py'
+    folder.mkdir(parents=True)
+    for i, batch in enumerate(batches, 1):
+        (folder / f'data_batch_{i}').write_bytes(pickle.dumps(batch, protocol=2))
+    if not as_tar:
+        return root
+    path = root / 'cifar-10-python.tar.gz'
+    with tarfile.open(path, 'w:gz') as tar:
+        tar.add(folder, arcname='cifar-10-batches-py')
+    return path
+
+
+def cifar_batch(seed, n=6):
+    g = np.random.default_rng(seed)
+    return {'batch_label': b'training batch', 'labels': g.integers(0, 10, n).tolist(),
+            'data': g.integers(0, 256, (n, 3072), dtype=np.uint8),
+            'filenames': [b'x.png'] * n}
+
+
+@pytest.mark.parametrize('as_tar', [True, False])
+def test_cifar_archive_loads_its_five_batches_in_order(tmp_path, as_tar):
+    """The tar.gz and the extracted folder give the five batches' images (CHW rows) and labels."""
+    batches = [cifar_batch(k) for k in range(5)]
+    path = write_cifar(tmp_path, batches, as_tar)
+    images, labels = memdiff.load_dataset(path)
+    expected = np.concatenate([b['data'] for b in batches]).reshape(-1, 3, 32, 32)
+    assert torch.equal(images, torch.from_numpy(expected).float() / 127.5 - 1)
+    assert labels.tolist() == sum((b['labels'] for b in batches), [])
+
+
+class RunsACommand:
+    """Pickles to os.system(...): what a tampered archive would hold."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f'touch {self.marker}',)
+
+
+def test_cifar_batch_that_runs_a_command_is_refused(tmp_path):
+    """A batch naming anything but numpy's array rebuilders is a clear error; nothing runs."""
+    marker = tmp_path / 'ran'
+    batches = [cifar_batch(k) for k in range(5)]
+    batches[2]['labels'] = RunsACommand(marker)
+    path = write_cifar(tmp_path, batches)
+    with pytest.raises(ValueError, match='not a CIFAR-10 python archive'):
+        memdiff.load_dataset(path)
+    assert not marker.exists()
