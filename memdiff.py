@@ -1,18 +1,21 @@
 """memdiff: a single-file reference implementation of "On Memorization in Diffusion Models".
 
 What is in this file, in the order of the science:
-  1. data           -- the bundled digits, .npz, CIFAR-10 and PNG zips; the study's first-k subsets
+  1. data           -- the study's training sets: first |D|/C images of each class, its label draws,
+                       LANCZOS down-sampling on uint8; the digits, .npz, CIFAR-10 and EDM's PNG zips
   2. network        -- the DDPM++ / NCSN++ U-Net of the study, parameter for parameter [2, 3]
   3. precond        -- EDM, VP and VE preconditioning D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) [2]
   4. losses         -- per-sample denoising score-matching losses of EDM, VP and VE [2]
   5. sampler        -- the EDM Heun sampler (Algorithm 2 of [2]) for *any* denoiser
   6. optimum        -- the closed-form optimal denoiser D* of a finite training set [1, eq. 4]
   7. metric         -- nearest neighbours, the memorization ratio and its Wilson interval [1, sec. 3]
-  8. training       -- the training loop: Adam/SGD, lr ramp-up, EMA, snapshots, resume, DDP
+  8. training       -- the study's loop: Adam/SGD, lr ramp-up, its EMA modes, data order, snapshots
   9. measurement    -- memorization of one training set, and the search for EMM [1, eq. 5]
+  Appendix          -- reading the study's network-snapshot-*.pkl without running code from it
 
-What is not: the authors' augmentation pipeline (the study trains without it), FID, and anything that
-needs a download at run time.
+What is not: the run around the science (options, records, resume ledger, lock, pictures, sweeps,
+process group: run_emm.py), the authors' augmentation pipeline (the study trains without it), FID,
+and anything that needs a download at run time.
 
 References:
   [1] X. Gu, C. Du, T. Pang, C. Li, M. Lin, Y. Wang. On Memorization in Diffusion Models.
@@ -24,6 +27,7 @@ References:
   [4] E. B. Wilson. Probable inference, the law of succession, and statistical inference. JASA 1927.
 """
 
+import collections
 import copy
 import gzip
 import io
@@ -32,7 +36,9 @@ import math
 import os
 import pickle
 import random
+import re
 import tarfile
+import warnings
 import zipfile
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
@@ -1268,10 +1274,6 @@ def summarize(points, threshold=0.9):
 # and unpickling them execs it (EDM's torch_utils/persistence.py). memdiff never runs code from a
 # file: a restricted unpickler turns each such object into a record of its class name, constructor
 # arguments and tensors, and memdiff rebuilds its own UNet and Precond from those.
-
-import collections                                      # (used by this appendix only)
-import re
-import warnings
 
 class _Record:
     """A pickled module as data: class name, constructor arguments and state (tensors, children)."""
