@@ -112,7 +112,7 @@ def _load_digits():
         _fail(path, 'the bundled digits are missing from the installation')
     with gzip.open(path, 'rt') as f:
         table = np.loadtxt(f, delimiter=',', dtype=np.float32)
-    images = table[:, :64].reshape(-1, 1, 8, 8) / 8 - 1    # not uint8: kept float32 (SPEC §8)
+    images = table[:, :64].reshape(-1, 1, 8, 8) / 8 - 1    # values 0..16, not uint8: kept float32
     return np.ascontiguousarray(images), torch.from_numpy(table[:, 64].astype(np.int64))
 
 def _load_npz(path):

@@ -1,4 +1,4 @@
-"""The study's directions at a tiny budget (SPEC §2): fewer images and unique labels memorize more.
+"""The study's directions at a tiny budget (the study, Figs. 2 and 6): fewer images and unique labels memorize more.
 
 Each case trains the 8-channel digits DDPM++ for 600 steps and scores 200 samples: about half a
 minute of CPU time per training. Measured on this setup (seed 0, torch 2.13 CPU): |D| = 16 memorizes

@@ -29,7 +29,7 @@ TINY_CONFIGS = st.fixed_dictionaries({
 
 
 def tiny_unet(**overrides):
-    """A small DDPM++ for 8x8x1 images (the configuration of SPEC section 7, width 16)."""
+    """A small DDPM++ for 8x8x1 images (the digits default of the README, width 16)."""
     kwargs = dict(img_resolution=8, in_channels=1, out_channels=1, model_channels=16,
                   channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,), dropout=0.0)
     kwargs.update(overrides)
@@ -52,7 +52,7 @@ def num_params(net):
 
 def expected_num_params(img_resolution, in_channels, out_channels, label_dim=0, model_channels=128,
                         channel_mult=(2, 2, 2), num_blocks=2, attn_resolutions=(16,), arch='ddpmpp'):
-    """Parameter count of SPEC section 5 written out layer by layer (independent of memdiff)."""
+    """Parameter count of the DDPM++ architecture written out layer by layer (independent of memdiff)."""
     conv = lambda cin, cout, k: cin * cout * k * k + cout
     linear = lambda cin, cout: cin * cout + cout
     norm = lambda c: 2 * c
@@ -198,7 +198,7 @@ def test_eval_mode_is_deterministic_and_train_mode_drops_out():
 # Preconditioning.
 
 def expected_coefficients(kind, sigma, sigma_data=0.5, beta_d=19.9, beta_min=0.1):
-    """(c_skip, c_out, c_in, c_noise) of SPEC section 4.3 in float64 Python arithmetic."""
+    """(c_skip, c_out, c_in, c_noise) of EDM Table 1 in float64 Python arithmetic."""
     if kind == 'edm':
         s2 = sigma ** 2 + sigma_data ** 2
         return (sigma_data ** 2 / s2, sigma * sigma_data / math.sqrt(s2), 1 / math.sqrt(s2),
