@@ -692,7 +692,7 @@ def edm_sampler(denoise, latents, class_labels=None, num_steps=18, sigma_min=0.0
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         x_cur = x_next
 
-        # Increase noise temporarily (churn); gamma = 0 gives the deterministic sampler.
+        # Churn [2, Alg. 2, lines 4-6]: lift the noise to t_hat = (1 + gamma) t_cur; gamma = 0: the ODE.
         gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
         t_hat = t_cur + gamma * t_cur
         x_hat = x_cur
@@ -701,12 +701,12 @@ def edm_sampler(denoise, latents, class_labels=None, num_steps=18, sigma_min=0.0
                               dtype=torch.float64)
             x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * eps
 
-        # Euler step.
+        # Euler [lines 7-8]: the slope dx/dt = (x - D(x; t)) / t at t_hat, followed to t_next.
         denoised = denoise(x_hat, t_hat, class_labels).to(torch.float64)
         d_cur = (x_hat - denoised) / t_hat
         x_next = x_hat + (t_next - t_hat) * d_cur
 
-        # Apply 2nd order correction (not on the last step, where t_next = 0).
+        # Heun [lines 9-11]: the mean of the slopes at both ends, except on the step into t = 0.
         if i < num_steps - 1:
             denoised = denoise(x_next, t_next, class_labels).to(torch.float64)
             d_prime = (x_next - denoised) / t_next
