@@ -574,6 +574,7 @@ def make_config(o, given=()):
     if cfg.classes is not None and cfg.classes > num_classes:
         raise click.BadParameter(f'{cfg.data} has {num_classes} classes, not {cfg.classes}',
                                  param_hint='--classes')
+    dataset(cfg.data, cfg.resolution, cfg.classes)          # a resolution the study cannot make
     if not cfg.optimum:                                     # an impossible network fails here,
         with torch.device('meta'):                          # built without memory or time
             memdiff.build_network(cfg, (images.shape[1], resolution or side, resolution or side),

@@ -362,6 +362,7 @@ BAD_INPUTS = [
     pytest.param(lambda t: opt('--batch', '0'), ['--batch'], id='batch-zero'),
     pytest.param(lambda t: opt('--steps', '0'), ['--steps'], id='steps-zero'),
     pytest.param(lambda t: opt('--resolution', '9'), ['resolution'], id='resolution-above-image'),
+    pytest.param(lambda t: opt('--resolution', '3'), ['power of two'], id='resolution-not-power-of-2'),
     pytest.param(lambda t: opt('--data', broken(t)), ['broken.npz', 'not a valid .npz'],
                  id='npz-not-a-zip'),
     pytest.param(lambda t: opt('--score', t / 'nothing'), ['nothing'], id='score-missing'),
@@ -386,6 +387,7 @@ def test_bad_input_is_a_one_line_error(tmp_path, make_args, words):
 @pytest.mark.parametrize('sweep', [
     'labels=none,bogus',
     'resolution=8,9',
+    'resolution=8,3',
 ])
 def test_sweep_values_are_checked_before_anything_runs(tmp_path, count_measures, sweep):
     """A bad value anywhere in a sweep is an error before the first value is measured."""
