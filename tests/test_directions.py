@@ -1,8 +1,9 @@
 """The study's directions at a tiny budget (the study, Figs. 2 and 6): fewer images and unique labels memorize more.
 
 Each case trains the 8-channel digits DDPM++ for 600 steps and scores 200 samples: about half a
-minute of CPU time per training. Measured on this setup (seed 0, torch 2.13 CPU): |D| = 16 memorizes
-0.90 of its samples and |D| = 64 none (0.0); with one label per image |D| = 64 memorizes 0.56.
+minute of CPU time per training. Measured on this setup (the study's data rules, seed 0, torch 2.13
+CPU): |D| = 16 memorizes 0.735 of its samples and |D| = 64 0.005; with one label per image |D| = 64
+memorizes 0.535.
 """
 
 import functools
@@ -24,7 +25,7 @@ def ratio(n, labels):
 
 def test_a_smaller_training_set_memorizes_more():
     """At the same model and training budget, 16 images are memorized far more than 64."""
-    assert ratio(16, 'none') >= 0.8
+    assert ratio(16, 'none') >= 0.6
     assert ratio(16, 'none') > ratio(64, 'none') + 0.3
 
 def test_unique_labels_memorize_more_than_no_labels():
