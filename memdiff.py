@@ -910,7 +910,7 @@ class TrainConfig:
     def lr_at(self, nimg, n):
         """Learning rate of the step taken after nimg images: lr min(nimg / ramp-up, 1) [2, App. F]."""
         ramp = self._images(self.lr_rampup_epochs, n)
-        return self.lr * min(nimg / max(ramp, 1e-8), 1)
+        return self.lr * min(nimg / ramp, 1) if ramp > 0 else self.lr  # no ramp-up: lr from step 1
 
     def ema_beta_at(self, nimg, n):
         """EMA decay beta after the step taken at nimg images (ema = beta ema + (1 - beta) net)."""

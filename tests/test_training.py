@@ -131,6 +131,12 @@ def test_first_step_has_zero_lr_and_copies_the_network_into_the_ema():
     assert cfg.lr_at(0, 1000) == 0 and cfg.ema_beta_at(0, 1000) == 0
 
 
+@given(st.integers(0, 10_000), STUDY_BATCHES)
+def test_without_rampup_every_step_has_the_full_lr(step, batch):
+    """lr_rampup_epochs = 0 means no ramp-up: the first step too runs at the full learning rate."""
+    assert memdiff.TrainConfig(lr=3e-3, batch=batch).lr_at(step * batch, 100) == 3e-3
+
+
 def test_fixed_ema_beta_is_constant_and_unknown_mode_is_an_error():
     """'fixed' returns ema_beta at every step; an unknown mode is a ValueError naming it."""
     cfg = memdiff.TrainConfig(ema_mode='fixed', ema_beta=0.9)
