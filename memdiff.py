@@ -1008,7 +1008,12 @@ class EMMConfig:
     seed: int = 0                   # training: initial weights, data order, noise
 
     def to_dict(self):
-        return json.loads(json.dumps(asdict(self)))        # tuples -> lists, as read back from JSON
+        d = json.loads(json.dumps(asdict(self)))           # tuples -> lists, as read back from JSON
+        # Linear spacing is what every record made before snapshot_spacing existed used: left out,
+        # those records (and their folder hashes) still match their configuration.
+        if d['train'].get('snapshot_spacing') == 'linear':
+            del d['train']['snapshot_spacing']
+        return d
 
 def build_network(cfg, shape, label_dim):
     """The U-Net and its preconditioning for images of shape (C, H, W)."""

@@ -378,7 +378,7 @@ Examples:
 @click.option('--whole-kimg', is_flag=True,
               help="Round ramp-up and EMA half-life down to whole kimg, as the study's train.py.")
 @click.option('--snapshots', metavar='INT', type=click.IntRange(min=1), default=3, show_default=True,
-              help='Evenly spaced EMA snapshots evaluated per size.')
+              help='EMA snapshots evaluated per size (spaced by --snapshot-spacing).')
 @click.option('--snapshot-images', metavar='INT', type=click.IntRange(min=1), default=None,
               help="Or one snapshot every so many images, in EDM's ticks of 50k images.")
 @click.option('--snapshot-spacing', type=click.Choice(['linear', 'log']), default='linear',

@@ -197,6 +197,8 @@ def test_log_snapshot_spacing_reaches_the_record(tmp_path):
     result = invoke(*OPTIMUM, '--snapshot-spacing', 'log', '--sizes', '16', '--outdir', out)
     assert result.exit_code == 0, result.output
     assert record(out)['config']['train']['snapshot_spacing'] == 'log'
+    # The default, linear, is left out: records made before the option keep their configuration.
+    assert 'snapshot_spacing' not in memdiff.EMMConfig().to_dict()['train']
 
 #----------------------------------------------------------------------------
 # The optimum
