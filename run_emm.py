@@ -605,12 +605,14 @@ def dry_run(cfg, opts):
     steps = cfg.train.total_steps(n)
     snaps = len(cfg.train.snapshot_steps(n))
     evals = snaps * cfg.samples * (2 * cfg.num_steps - 1)
+    optimum = '' if cfg.optimum else (f', and {cfg.samples} samples of the optimum for the '
+                                      'agreement')
     click.echo(json.dumps(cfg.to_dict(), indent=1))
     click.echo(f'data: {len(images)} images of shape {tuple(images.shape[1:])}')
     click.echo(f'network: {params:,} parameters')
     click.echo(f'cost of |D| = {n}: {steps:,} training steps of batch {cfg.train.batch} '
                f'({steps * cfg.train.batch:,} images), {snaps} snapshot(s) x {cfg.samples} samples '
-               f'x {2 * cfg.num_steps - 1} evaluations = {evals:,} network evaluations')
+               f'x {2 * cfg.num_steps - 1} evaluations = {evals:,} network evaluations{optimum}')
 
 #----------------------------------------------------------------------------
 # What the user sees: progress, the table, the sweep.
