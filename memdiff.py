@@ -803,7 +803,8 @@ class TrainConfig:
     ema_rampup: float = 0.05        # EDM: h is at most this fraction of the images seen so far
     ema_beta: float = 0.99929       # mode4's final beta, or the constant beta of 'fixed'
     whole_kimg: bool = False        # round ramp-up and half-life down to whole kimg, as train.py did
-    snapshots: int = 3              # evenly spaced snapshots of the EMA network (the last at the end)
+    snapshots: int = 3              # snapshots of the EMA network (the last at the end), spaced by
+                                    # snapshot_spacing
     snapshot_images: int = None     # or one every so many images, counted in EDM's 50k-image ticks
     snapshot_spacing: str = 'linear'  # 'linear' | 'log': geometric from ~1% of the steps to the end
     amp: bool = False               # bf16 autocast for the network (the study ran fp32)
