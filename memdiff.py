@@ -880,8 +880,10 @@ class TrainConfig:
     ema_rampup: float = 0.05        # EDM: h is at most this fraction of the images seen so far
     ema_beta: float = 0.99929       # mode4's final beta, or the constant beta of 'fixed'
     whole_kimg: bool = False        # round ramp-up and half-life down to whole kimg, as train.py did
-    snapshots: int = 3              # evenly spaced snapshots of the EMA network (the last at the end)
+    snapshots: int = 3              # snapshots of the EMA network (the last at the end), spaced by
+                                    # snapshot_spacing
     snapshot_images: int = None     # or one every so many images, counted in EDM's 50k-image ticks
+    snapshot_spacing: str = 'linear'  # 'linear' | 'log': geometric from ~1% of the steps to the end
     amp: bool = False               # bf16 autocast for the network (the study ran fp32)
 
     def total_steps(self, n):
@@ -901,6 +903,15 @@ class TrainConfig:
             every = max(1, round(self.snapshot_images / tick)) * math.ceil(tick / self.batch)
             return sorted(set(range(1 + every, total, every)) | {total})
         S = min(self.snapshots, total)
+        if self.snapshot_spacing == 'log':
+            # Onsets of memorization span decades of steps: geometric spacing from 1% of the budget
+            # (or step 1) to its end; rounding can merge early steps, so there may be fewer than S.
+            first = max(1.0, total / 100)
+            return sorted({round(first * (total / first) ** (k / (S - 1))) for k in range(S - 1)}
+                          | {total})
+        if self.snapshot_spacing != 'linear':
+            raise ValueError(f"snapshot_spacing must be 'linear' or 'log', got "
+                             f'{self.snapshot_spacing!r}')
         return sorted({round(total * k / S) for k in range(1, S + 1)})
 
     def _images(self, epochs, n):
@@ -1075,7 +1086,12 @@ class EMMConfig:
     seed: int = 0                   # training: initial weights, data order, noise
 
     def to_dict(self):
-        return json.loads(json.dumps(asdict(self)))        # tuples -> lists, as read back from JSON
+        d = json.loads(json.dumps(asdict(self)))           # tuples -> lists, as read back from JSON
+        # Linear spacing is what every record made before snapshot_spacing existed used: left out,
+        # those records (and their folder hashes) still match their configuration.
+        if d['train'].get('snapshot_spacing') == 'linear':
+            del d['train']['snapshot_spacing']
+        return d
 
 def build_network(cfg, shape, label_dim):
     """The U-Net and its preconditioning for images of shape (C, H, W)."""
@@ -1153,11 +1169,26 @@ def score(samples, y, mem_threshold=1/3):
     k = int((d1_d2 < mem_threshold).sum())
     return dict(ratio=k / B, ci=list(wilson_interval(k, B))), d1_d2
 
-def best_point(n, snapshots):
-    """A size's point: the snapshot with the highest ratio (the study keeps the highest)."""
+def optimum_agreement(samples, optimum_samples, y):
+    """Fraction of samples [B,...] whose nearest training image (of y [n,...]) is the nearest one of
+    the optimum's sample from the same latent and class, optimum_samples [B,...]."""
+    # Zhang et al. (ICML 2024) find trained U-Nets agree with the optimum on about half the seeds
+    # at n = 64 on CIFAR-10. Images are compared, not indices: a duplicated training image is one.
+    i = nearest_neighbors(quantize_uint8(samples), y, k=1)[1][:, 0]            # [B]
+    j = nearest_neighbors(quantize_uint8(optimum_samples), y, k=1)[1][:, 0]    # [B]
+    same = (y[i] == y[j]).flatten(1).all(1)                                    # [B]
+    return same.double().mean().item()
+
+def best_point(n, snapshots, threshold=0.9):
+    """A size's point: the snapshot with the highest ratio (the study keeps the highest), and the
+    onset of memorization tau_mem with its bracket (tau_mem below)."""
     best = max(snapshots, key=lambda s: s['ratio'])
-    return dict(size=n, ratio=best['ratio'], ci=best['ci'], best_step=best['step'],
-                snapshots=snapshots)
+    tau, bracket = tau_mem(snapshots, threshold)
+    point = dict(size=n, ratio=best['ratio'], ci=best['ci'], best_step=best['step'],
+                 tau_mem=tau, tau_bracket=bracket, snapshots=snapshots)
+    if 'optimum_agreement' in best:
+        point['optimum_agreement'] = best['optimum_agreement']
+    return point
 
 def measure(images, labels, n, cfg, device=torch.device('cpu'), checkpoint=None, done=(),
             on_snapshot=None, progress=None):
@@ -1170,6 +1201,7 @@ def measure(images, labels, n, cfg, device=torch.device('cpu'), checkpoint=None,
     y, c = y.to(device), None if c is None else c.to(device)
     shape = tuple(y.shape[1:])
     snapshots = list(done)
+    optimum = []                                            # the optimum's samples, drawn once
 
     def evaluate(denoise, step):
         x, cx = generate(denoise, cfg.samples, shape, label_dim, device, cfg.num_steps,
@@ -1181,6 +1213,13 @@ def measure(images, labels, n, cfg, device=torch.device('cpu'), checkpoint=None,
         s = dict(step=step, **s)
         if cfg.optimum and c is not None:                   # samples of a class with no image
             s['unconditional'] = int(denoise.unseen(cx).sum())
+        if not cfg.optimum:
+            # Agreement with the closed-form optimum sampled from the same seeds: one more
+            # sampling per size, then a nearest-neighbour search per snapshot.
+            if not optimum:
+                optimum.append(generate(OptimalDenoiser(y.double(), c), cfg.samples, shape,
+                                        label_dim, device, cfg.num_steps)[0])
+            s['optimum_agreement'] = optimum_agreement(x, optimum[0], y)
         snapshots.append(s)
         if on_snapshot is not None:
             on_snapshot(s, x, y)
@@ -1199,7 +1238,7 @@ def measure(images, labels, n, cfg, device=torch.device('cpu'), checkpoint=None,
                                    progress=progress):
                 if step not in seen:
                     evaluate(ema, step)
-    return best_point(n, snapshots)
+    return best_point(n, snapshots, cfg.threshold)
 
 def find_emm(ratio_at, lo, hi, threshold=0.9, step=1, tolerance=0.0, known=None):
     """Largest size in [lo, hi] (multiples of step) with ratio_at(n) >= threshold: double, then bisect.
@@ -1266,6 +1305,73 @@ def summarize(points, threshold=0.9):
         return dict(emm=emm, crossing=None)
     rp, (nf, rf) = dict(pts)[emm], above[0]
     return dict(emm=emm, crossing=emm + (rp - threshold) / (rp - rf) * (nf - emm))
+
+# Memorization over training time. Bonnaire, Urfin, Biroli and Mezard (NeurIPS 2025) measure the
+# same d1/d2 < 1/3 memorization and find that its onset tau_mem grows linearly with |D|
+# (tau_mem ~ 300 |D| steps for their width-32 U-Net under SGD, tau_mem ~ |D| / W across widths W):
+# a budget below tau_mem(|D|) measures the budget, not the model. tau_mem is read off the snapshots
+# of one size, and the law tau_mem = a |D|^b is fitted across sizes.
+
+def tau_mem(snapshots, threshold=0.9):
+    """Onset of memorization of one size's snapshots [{step, ratio}] -> (tau, [step_below, step_above]).
+
+    tau is the step at which the ratio first reaches threshold, linear in log(step) between the two
+    bracketing snapshots. When the first snapshot already passes, tau is its step (an upper bound)
+    and the bracket is [0, step]; when no snapshot passes, (None, None).
+    """
+    pts = sorted((s['step'], s['ratio']) for s in snapshots)
+    for k, (step, ratio) in enumerate(pts):
+        if ratio >= threshold:
+            break
+    else:
+        return None, None
+    if k == 0 or pts[k - 1][0] <= 0:                        # no snapshot below it (or at step 0)
+        return float(step), [pts[k - 1][0] if k else 0, step]
+    s0, r0 = pts[k - 1]                                     # r0 < threshold <= ratio
+    t = (threshold - r0) / (ratio - r0)
+    return math.exp(math.log(s0) + t * (math.log(step) - math.log(s0))), [s0, step]
+
+def fit_power_law(sizes, taus):
+    """Least squares of log tau = log a + b log |D| -> (a, b); needs two distinct sizes."""
+    x, y = np.log(np.asarray(sizes, float)), np.log(np.asarray(taus, float))
+    b, log_a = np.polyfit(x, y, 1)
+    return float(math.exp(log_a)), float(b)
+
+def tau_law(points, samples, threshold=0.9, replicates=1000, generator=None):
+    """tau_mem = a |D|^b over the sizes with tau_mem > 0 -> dict(exponent, ci, prefactor, sizes), or None.
+
+    The exponent b is fitted by least squares in log-log; its 95% interval comes from a parametric
+    bootstrap of the snapshots' binomial noise: every snapshot's ratio is redrawn as
+    Binomial(samples, ratio) / samples, tau_mem is recomputed per size and the law refitted; the
+    interval is the 2.5% and 97.5% quantiles of the refitted b over the replicates that keep two
+    sizes with a tau_mem. Needs two distinct sizes with tau_mem > 0.
+    """
+    pts = [p for p in points if (p.get('tau_mem') or 0) > 0]
+    if len({p['size'] for p in pts}) < 2:
+        return None
+    sizes = [p['size'] for p in pts]
+    a, b = fit_power_law(sizes, [p['tau_mem'] for p in pts])
+    # Bootstrap: redraw every snapshot ratio of every size at once.
+    redrawn = []
+    for p in pts:
+        steps = [s['step'] for s in p['snapshots']]
+        prob = torch.tensor([s['ratio'] for s in p['snapshots']], dtype=torch.float64)
+        k = torch.binomial(torch.full((replicates, len(steps)), float(samples), dtype=torch.float64),
+                           prob.expand(replicates, -1), generator=generator)  # [R, S]
+        redrawn.append((steps, (k / samples).tolist()))
+    bs = []
+    for r in range(replicates):
+        fit = [(n, tau_mem([dict(step=s, ratio=q) for s, q in zip(steps, ratios[r])], threshold)[0])
+               for n, (steps, ratios) in zip(sizes, redrawn)]
+        fit = [(n, t) for n, t in fit if t]
+        if len({n for n, _ in fit}) >= 2:
+            bs.append(fit_power_law(*zip(*fit))[1])
+    ci = [float(np.quantile(bs, 0.025)), float(np.quantile(bs, 0.975))] if bs else None
+    return dict(exponent=b, ci=ci, prefactor=a, sizes=sizes, replicates=len(bs))
+
+def tau_budget(law, n):
+    """Training steps at which a size n reaches the threshold under the law a n^b."""
+    return law['prefactor'] * n ** law['exponent']
 
 #----------------------------------------------------------------------------
 # Appendix: reading the study's snapshots. The study's training loop (EDM's) pickles

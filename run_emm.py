@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 import numpy as np
 import PIL.Image
+import PIL.ImageDraw
 import torch
 
 import memdiff
@@ -104,35 +105,59 @@ def read_record(outdir, config):
 def write_record(outdir, config, points, threshold, extra=None):
     """results.json and results.csv, sizes ascending."""
     points = sorted(points, key=lambda p: p['size'])
-    record = dict(**memdiff.summarize(points, threshold), threshold=threshold, points=points,
-                  config=config, versions=versions(), world_size=memdiff.dist_info()[1],
-                  **(extra or {}))
+    # The law's bootstrap is seeded here, once: the same points always give the same interval.
+    tau = memdiff.tau_law(points, config['samples'], threshold,
+                          generator=torch.Generator().manual_seed(0))
+    record = dict(**memdiff.summarize(points, threshold), threshold=threshold, tau=tau,
+                  points=points, config=config, versions=versions(),
+                  world_size=memdiff.dist_info()[1], **(extra or {}))
     atomic_write(Path(outdir) / 'results.json', json.dumps(record, indent=1))
-    lines = ['size,ratio,ci_low,ci_high,best_step,snapshot_steps,snapshot_ratios']
+    lines = ['size,ratio,ci_low,ci_high,best_step,tau_mem,optimum_agreement,snapshot_steps,'
+             'snapshot_ratios']
     for p in points:
         steps = ' '.join(str(s['step']) for s in p['snapshots'])
         ratios = ' '.join(f"{s['ratio']:.4f}" for s in p['snapshots'])
+        tau, agree = p.get('tau_mem'), p.get('optimum_agreement')
         lines.append(f"{p['size']},{p['ratio']:.4f},{p['ci'][0]:.4f},{p['ci'][1]:.4f},"
-                     f"{p['best_step']},{steps},{ratios}")
+                     f"{p['best_step']},{'' if tau is None else f'{tau:.1f}'},"
+                     f"{'' if agree is None else f'{agree:.4f}'},{steps},{ratios}")
     atomic_write(Path(outdir) / 'results.csv', '\n'.join(lines) + '\n')
     return record
 
-def image_grid(samples, reference, indices, columns=8, scale=None):
-    """uint8 [H', W', C] grid: each generated sample beside its nearest training image."""
-    pairs = torch.stack([samples, reference[indices]], 1)  # [B, 2, C, H, W]
-    B, _, C, H, W = pairs.shape
+def sample_grid(samples, reference, mem_threshold=1/3, columns=4, scale=None):
+    """PIL image: each sample beside its nearest and second-nearest training images, d1/d2 written
+    under it, memorized samples (d1/d2 < mem_threshold) framed in red."""
+    d, idx = memdiff.nearest_neighbors(samples, reference, k=2)    # [B, 2]
+    d1_d2 = (d[:, 0] / d[:, 1]).tolist()                   # as the metric, without deduplication
+    triples = memdiff.to_uint8(torch.stack([samples, reference[idx[:, 0]], reference[idx[:, 1]]], 1))
+    B, _, C, H, W = triples.shape                           # [B, 3, C, H, W]
     scale = scale or max(1, 64 // H)                        # tiny images are enlarged to be seen
+    side, frame, text = H * scale, 3, 12                    # pixels: image, frame, caption row
+    cell_w, cell_h = 3 * (side + 2 * frame) + 8, side + 2 * frame + text
     rows = -(-B // columns)
-    pairs = torch.cat([pairs, -torch.ones(rows * columns - B, 2, C, H, W)])
-    pad = torch.nn.functional.pad(memdiff.to_uint8(pairs).float(), (1, 1, 1, 1), value=255)
-    grid = pad.reshape(rows, columns, 2, C, H + 2, W + 2).permute(0, 4, 1, 2, 5, 3)
-    grid = grid.reshape(rows * (H + 2), columns * 2 * (W + 2), C)
-    return grid.repeat_interleave(scale, 0).repeat_interleave(scale, 1).to(torch.uint8)
+    grid = PIL.Image.new('RGB', (columns * cell_w, rows * cell_h), 'white')
+    draw = PIL.ImageDraw.Draw(grid)
+    for b in range(B):
+        x0, y0 = b % columns * cell_w, b // columns * cell_h
+        memorized = d1_d2[b] < mem_threshold
+        for k in range(3):
+            tile = triples[b, k].permute(1, 2, 0).numpy()
+            tile = PIL.Image.fromarray(tile[:, :, 0] if C == 1 else tile).convert('RGB')
+            tile = tile.resize((W * scale, side), PIL.Image.NEAREST)
+            x = x0 + k * (side + 2 * frame)
+            colour = (220, 30, 30) if k == 0 and memorized else (200, 200, 200)
+            draw.rectangle([x, y0, x + side + 2 * frame - 1, y0 + side + 2 * frame - 1], fill=colour)
+            grid.paste(tile, (x + frame, y0 + frame))
+        draw.text((x0 + 2, y0 + side + 2 * frame), f'{d1_d2[b]:.2f}',
+                  fill=(220, 30, 30) if memorized else (0, 0, 0))
+    return grid
 
 def write_png(path, image):
-    """Write a uint8 [H, W, C] image (C = 1 or 3) as a PNG."""
-    array = image.numpy()
-    picture = PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+    """Write a PIL image, or a uint8 [H, W, C] tensor (C = 1 or 3), as a PNG."""
+    picture = image
+    if isinstance(image, torch.Tensor):
+        array = image.numpy()
+        picture = PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
     atomic_write(path, lambda tmp: picture.save(tmp, format='PNG'))
 
 #----------------------------------------------------------------------------
@@ -267,8 +292,7 @@ def emm_search(cfg, outdir, data, sizes=None, lo=16, hi=None, step=1, tolerance=
                 write_record(outdir, config, points, cfg.threshold)
                 y = memdiff.training_set(images, labels, n, cfg)[0]
                 x = memdiff.quantize_uint8(x[:64])
-                _, idx = memdiff.nearest_neighbors(x, y, k=1)
-                write_png(outdir / f'samples_n{n}.png', image_grid(x, y, idx[:, 0]))
+                write_png(outdir / f'samples_n{n}.png', sample_grid(x, y, cfg.mem_threshold))
                 (work / f'n{n}.state.pt').unlink(missing_ok=True)  # the record holds the result
             log(f'|D| = {n}: memorization ratio {point["ratio"]:.3f} (95% CI {point["ci"][0]:.3f}'
                 f'-{point["ci"][1]:.3f}, best step {point["best_step"]})')
@@ -284,7 +308,12 @@ def emm_search(cfg, outdir, data, sizes=None, lo=16, hi=None, step=1, tolerance=
                                       known)['status']
         # Rewritten at the end too, so a resumed run with nothing left to do still has it whole.
         if rank == 0:
-            return write_record(outdir, config, points, cfg.threshold, dict(search=status))
+            record = write_record(outdir, config, points, cfg.threshold, dict(search=status))
+            try:
+                plot_memorization(outdir / 'memorization.png', record, cfg.threshold)
+            except ImportError:
+                log("(memorization.png needs matplotlib: pip install 'memdiff[plot]')")
+            return record
         return dict(**memdiff.summarize(points, cfg.threshold), points=points, search=status)
 
 #----------------------------------------------------------------------------
@@ -356,9 +385,12 @@ Examples:
 @click.option('--whole-kimg', is_flag=True,
               help="Round ramp-up and EMA half-life down to whole kimg, as the study's train.py.")
 @click.option('--snapshots', metavar='INT', type=click.IntRange(min=1), default=3, show_default=True,
-              help='Evenly spaced EMA snapshots evaluated per size.')
+              help='EMA snapshots evaluated per size (spaced by --snapshot-spacing).')
 @click.option('--snapshot-images', metavar='INT', type=click.IntRange(min=1), default=None,
               help="Or one snapshot every so many images, in EDM's ticks of 50k images.")
+@click.option('--snapshot-spacing', type=click.Choice(['linear', 'log']), default='linear',
+              show_default=True, help='--snapshots evenly spaced, or geometrically from 1% of the '
+                                      'steps to the end (for tau_mem).')
 @click.option('--amp', is_flag=True, help='bf16 autocast for the network (the study ran fp32).')
 @click.option('--tf32', is_flag=True, help='Allow TF32 matrix products on CUDA (off: fp32 as the study).')
 # Evaluation and search.
@@ -555,7 +587,8 @@ def make_config(o, given=()):
         weight_decay=o['weight_decay'], steps=o['steps'], epochs=o['epochs'],
         lr_rampup_epochs=o['lr_rampup'], ema_mode=ema_mode, ema_halflife_epochs=o['ema'],
         ema_beta=0.99929 if o['ema_beta'] is None else o['ema_beta'], whole_kimg=o['whole_kimg'],
-        snapshots=o['snapshots'], snapshot_images=o['snapshot_images'], amp=o['amp'])
+        snapshots=o['snapshots'], snapshot_images=o['snapshot_images'],
+        snapshot_spacing=o['snapshot_spacing'], amp=o['amp'])
     cfg = memdiff.EMMConfig(
         data=o['data'], resolution=resolution, classes=o['classes'], labels=o['labels'],
         arch=o['arch'], channels=o['channels'], channel_mult=o['channel_mult'], blocks=o['blocks'],
@@ -596,12 +629,14 @@ def dry_run(cfg, opts):
     steps = cfg.train.total_steps(n)
     snaps = len(cfg.train.snapshot_steps(n))
     evals = snaps * cfg.samples * (2 * cfg.num_steps - 1)
+    optimum = '' if cfg.optimum else (f', and {cfg.samples} samples of the optimum for the '
+                                      'agreement')
     click.echo(json.dumps(cfg.to_dict(), indent=1))
     click.echo(f'data: {len(images)} images of shape {tuple(images.shape[1:])}')
     click.echo(f'network: {params:,} parameters')
     click.echo(f'cost of |D| = {n}: {steps:,} training steps of batch {cfg.train.batch} '
                f'({steps * cfg.train.batch:,} images), {snaps} snapshot(s) x {cfg.samples} samples '
-               f'x {2 * cfg.num_steps - 1} evaluations = {evals:,} network evaluations')
+               f'x {2 * cfg.num_steps - 1} evaluations = {evals:,} network evaluations{optimum}')
 
 #----------------------------------------------------------------------------
 # What the user sees: progress, the table, the sweep.
@@ -668,14 +703,32 @@ def export_training_set(cfg, sizes, path, sweep=None):
 
 def print_table(record, threshold):
     """The final table: size, ratio, 95% CI, best snapshot; then the EMM."""
-    click.echo(f'\n{"|D|":>7}  {"ratio":>6}  {"95% CI":>13}  {"best step":>9}  memorizes')
+    click.echo(f'\n{"|D|":>7}  {"ratio":>6}  {"95% CI":>13}  {"best step":>9}  {"tau_mem":>8}  '
+               f'{"bracket":>13}  {"optimum":>7}  memorizes')
     for p in record['points']:
         mark = 'yes' if p['ratio'] >= threshold else 'no'
+        tau, bracket, agree = p.get('tau_mem'), p.get('tau_bracket'), p.get('optimum_agreement')
+        tau = '-' if tau is None else f'{tau:.0f}'
+        bracket = '-' if bracket is None else f'{bracket[0]}-{bracket[1]}'
+        agree = '-' if agree is None else f'{agree:.3f}'
         click.echo(f'{p["size"]:>7}  {p["ratio"]:>6.3f}  {p["ci"][0]:>6.3f}-{p["ci"][1]:<6.3f}  '
-                   f'{p["best_step"]:>9}  {mark}')
+                   f'{p["best_step"]:>9}  {tau:>8}  {bracket:>13}  {agree:>7}  {mark}')
     crossing = f' (interpolated crossing {record["crossing"]:.0f})' if record['crossing'] else ''
     emm = record['emm'] if record['emm'] is not None else 'none (below the smallest size)'
     click.echo(f'\nEMM at {threshold:.0%}: {emm}{crossing}   [{record.get("search", "")}]')
+    law = record.get('tau')
+    if law is None:
+        if any(p.get('tau_mem') for p in record['points']):
+            click.echo('tau_mem law: needs two sizes that reach the threshold')
+        return
+    ci = 'no interval' if law['ci'] is None else f"95% CI {law['ci'][0]:.2f}-{law['ci'][1]:.2f}"
+    click.echo(f"tau_mem = {law['prefactor']:.3g} |D|^{law['exponent']:.2f} ({ci}, parametric "
+               f"bootstrap of {law['replicates']}) over |D| = "
+               f"{', '.join(str(n) for n in law['sizes'])}")
+    largest = max(p['size'] for p in record['points'])
+    for n in (2 * largest, 4 * largest):
+        click.echo(f'  |D| = {n} would reach {threshold:.0%} after about '
+                   f'{memdiff.tau_budget(law, n):,.0f} steps')
 
 def write_sweep(base, factor, records, threshold):
     """Side-by-side table of a sweep: printed, and written as sweep.json, sweep.csv and sweep.png."""
@@ -715,6 +768,46 @@ def plot_sweep(path, factor, records, threshold):
     ax.set(xscale='log', xlabel='training-set size |D|', ylabel='memorization ratio',
            ylim=(-0.02, 1.02), title=f'EMM sweep over {factor}')
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format='png'))
+    plt.close(fig)
+
+def plot_memorization(path, record, threshold):
+    """Three panels: ratio against |D| (Wilson band, threshold, EMM); against the training step,
+    one line per size with tau_mem marked; against step / |D|, where tau_mem ~ |D| collapses them."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    points = sorted(record['points'], key=lambda p: p['size'])
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4), dpi=110)
+    ax = axes[0]
+    sizes = [p['size'] for p in points]
+    ax.fill_between(sizes, [p['ci'][0] for p in points], [p['ci'][1] for p in points],
+                    alpha=0.25, label='95% Wilson interval')
+    ax.plot(sizes, [p['ratio'] for p in points], 'o-', label='best snapshot')
+    if record.get('emm') is not None:
+        ax.axvline(record['emm'], color='C3', ls=':', label=f"EMM = {record['emm']}")
+    ax.set(xscale='log', xlabel='training-set size |D|', ylabel='memorization ratio',
+           title='ratio against |D|')
+    ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.minorticks_off()
+    for k, p in enumerate(points):
+        steps = [s['step'] for s in sorted(p['snapshots'], key=lambda s: s['step'])]
+        ratios = [s['ratio'] for s in sorted(p['snapshots'], key=lambda s: s['step'])]
+        for ax, scale in ((axes[1], 1), (axes[2], p['size'])):
+            x = [max(s, 1) / scale for s in steps]          # the optimum's step 0 on the axis
+            ax.plot(x, ratios, 'o-', ms=3, color=f'C{k % 10}', label=f"|D| = {p['size']}")
+            if p.get('tau_mem'):
+                ax.plot(p['tau_mem'] / scale, threshold, 'x', color=f'C{k % 10}', ms=8)
+    axes[0].plot([], [], 'k--', lw=0.8, label=f'threshold {threshold:g}')
+    axes[1].set(xlabel='training step', title='ratio against step (x: tau_mem)')
+    axes[2].set(xlabel='training step / |D|', title='ratio against step / |D|')
+    for ax in axes:
+        ax.axhline(threshold, color='k', ls='--', lw=0.8)
+        ax.set(ylim=(-0.02, 1.02))
+        ax.legend(fontsize=7)
+    for ax in axes[1:]:
+        ax.set_xscale('log')
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format='png'))
     plt.close(fig)

@@ -76,7 +76,8 @@ def test_record_holds_every_size_snapshot_configuration_and_version(tmp_path):
     result = invoke(*TINY, '--sizes', '16,24', '--outdir', out)
     assert result.exit_code == 0, result.output
     rec = record(out)
-    assert set(rec) >= {'emm', 'crossing', 'threshold', 'points', 'config', 'versions', 'world_size'}
+    assert set(rec) >= {'emm', 'crossing', 'threshold', 'tau', 'points', 'config', 'versions',
+                        'world_size'}
     assert rec['threshold'] == 0.9 and rec['world_size'] == 1
     assert set(rec['versions']) >= {'python', 'torch'}
     assert rec['versions']['torch'] == torch.__version__
@@ -87,7 +88,12 @@ def test_record_holds_every_size_snapshot_configuration_and_version(tmp_path):
         low, high = p['ci']
         assert 0 <= low <= p['ratio'] <= high <= 1
         assert [s['step'] for s in p['snapshots']] == steps
-        assert all(set(s) == {'step', 'ratio', 'ci'} and len(s['ci']) == 2 for s in p['snapshots'])
+        assert all(set(s) == {'step', 'ratio', 'ci', 'optimum_agreement'} and len(s['ci']) == 2
+                   for s in p['snapshots'])
+        best = next(s for s in p['snapshots'] if s['step'] == p['best_step'])
+        assert p['optimum_agreement'] == best['optimum_agreement']
+        assert 0 <= p['optimum_agreement'] <= 1
+        assert (p['tau_mem'], p['tau_bracket']) == memdiff.tau_mem(p['snapshots'])
         assert p['ratio'] == max(s['ratio'] for s in p['snapshots'])
         assert p['best_step'] in steps
         k = round(p['ratio'] * 16)
@@ -101,15 +107,98 @@ def test_record_holds_every_size_snapshot_configuration_and_version(tmp_path):
     assert 'EMM' in result.output and '|D|' in result.output
 
 
-def test_png_grid_decodes_to_samples_beside_neighbours(tmp_path):
-    """samples_n{size}.png is a valid grayscale PNG: 8 pairs per row of enlarged 8x8 images."""
+def test_png_grid_decodes_to_samples_beside_both_neighbours(tmp_path):
+    """samples_n{size}.png is an RGB PNG: 4 triples (sample, NN1, NN2) per row of enlarged 8x8
+    images with a caption row; the optimum's samples are memorized, so their frames are red."""
     import PIL.Image as Image                               # a dependency of memdiff
     out = tmp_path / 'run'
     assert invoke(*OPTIMUM, '--sizes', '16', '--outdir', out).exit_code == 0
     with Image.open(out / 'samples_n16.png') as im:
         im.load()
-        # 20 samples -> 3 rows of 8 pairs; each 8x8 image framed to 10x10 and enlarged 8x.
-        assert im.mode == 'L' and im.size == (8 * 2 * 10 * 8, 3 * 10 * 8)
+        # 20 samples -> 5 rows of 4 triples; each 8x8 image enlarged 8x in a 3-pixel frame, 8 pixels
+        # between triples, 12 for the d1/d2 caption.
+        assert im.mode == 'RGB' and im.size == (4 * (3 * 70 + 8), 5 * (70 + 12))
+        assert im.getpixel((0, 0)) == (220, 30, 30)          # the first sample's frame
+        assert im.getpixel((70, 0)) == (200, 200, 200)       # its nearest neighbour's frame
+
+
+def test_sample_grid_marks_only_memorized_samples():
+    """A sample far from every training image has a grey frame, a copy of one a red frame."""
+    y = memdiff.training_set(*memdiff.load_dataset('digits'), 16, memdiff.EMMConfig())[0]
+    x = torch.stack([y[3], torch.zeros_like(y[0])])
+    grid = run_emm.sample_grid(x, y, columns=2)
+    assert grid.getpixel((0, 0)) == (220, 30, 30)
+    assert grid.getpixel((3 * 70 + 8, 0)) == (200, 200, 200)
+
+#----------------------------------------------------------------------------
+# Memorization over training time: the law in the record, the table and memorization.png
+
+def synthetic_points(samples=100):
+    """Three sizes whose snapshot ratios reach 0.9 at tau = 40 |D| (log-linear in the step)."""
+    points = []
+    for n in (16, 32, 64):
+        snaps = []
+        for step in (30, 100, 300, 1000, 3000, 10000):
+            ratio = min(1.0, max(0.0, 0.9 + 0.2 * np.log(step / (40 * n))))
+            k = round(ratio * samples)
+            snaps.append(dict(step=step, ratio=k / samples,
+                              ci=list(memdiff.wilson_interval(k, samples))))
+        points.append(memdiff.best_point(n, snaps))
+    return points
+
+
+def test_record_holds_the_tau_law_and_the_table_prints_it(tmp_path, capsys):
+    """write_record adds tau = {exponent, ci, prefactor, sizes} fitted over the points' tau_mem,
+    and the CSV a tau_mem column; the table prints tau_mem, the law and the budgets it implies."""
+    points = synthetic_points()
+    rec = run_emm.write_record(tmp_path, dict(samples=100), points, 0.9)
+    law = record(tmp_path)['tau']
+    assert law == rec['tau']
+    assert set(law) >= {'exponent', 'ci', 'prefactor', 'sizes'} and law['sizes'] == [16, 32, 64]
+    assert law['exponent'] == pytest.approx(
+        memdiff.fit_power_law([16, 32, 64], [p['tau_mem'] for p in points])[1])
+    assert 0.7 < law['exponent'] < 1.3 and law['ci'][0] <= law['exponent'] <= law['ci'][1]
+    assert all(p['tau_bracket'] is not None for p in record(tmp_path)['points'])
+    header = (tmp_path / 'results.csv').read_text().splitlines()[0].split(',')
+    assert 'tau_mem' in header and 'optimum_agreement' in header
+    run_emm.print_table(rec, 0.9)
+    out = capsys.readouterr().out
+    assert 'tau_mem' in out and f"|D|^{law['exponent']:.2f}" in out
+    assert '|D| = 128 would reach' in out
+
+
+def test_memorization_png_is_written_when_matplotlib_is_present(tmp_path):
+    """An optimum run writes memorization.png (three panels) beside the record."""
+    pytest.importorskip('matplotlib')
+    out = tmp_path / 'run'
+    result = invoke(*OPTIMUM, '--sizes', '16,24', '--outdir', out)
+    assert result.exit_code == 0, result.output
+    assert (out / 'memorization.png').read_bytes().startswith(PNG_SIGNATURE)
+    run_emm.plot_memorization(tmp_path / 'law.png', run_emm.write_record(
+        tmp_path, dict(samples=100), synthetic_points(), 0.9), 0.9)
+    assert (tmp_path / 'law.png').read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_without_matplotlib_the_run_says_so_in_one_line(tmp_path, monkeypatch):
+    """No matplotlib: one line says memorization.png needs it, and the run still succeeds."""
+    def missing(*args):
+        raise ImportError('No module named matplotlib')
+    monkeypatch.setattr(run_emm, 'plot_memorization', missing)
+    out = tmp_path / 'run'
+    result = invoke(*OPTIMUM, '--sizes', '16', '--outdir', out)
+    assert result.exit_code == 0, result.output
+    assert sum('needs matplotlib' in line for line in result.output.splitlines()) == 1
+    assert not (out / 'memorization.png').exists()
+
+
+def test_log_snapshot_spacing_reaches_the_record(tmp_path):
+    """--snapshot-spacing log is recorded in the configuration (and changes its folder hash)."""
+    out = tmp_path / 'run'
+    result = invoke(*OPTIMUM, '--snapshot-spacing', 'log', '--sizes', '16', '--outdir', out)
+    assert result.exit_code == 0, result.output
+    assert record(out)['config']['train']['snapshot_spacing'] == 'log'
+    # The default, linear, is left out: records made before the option keep their configuration.
+    assert 'snapshot_spacing' not in memdiff.EMMConfig().to_dict()['train']
 
 #----------------------------------------------------------------------------
 # The optimum

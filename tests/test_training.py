@@ -330,3 +330,28 @@ def test_train_resume_after_interrupt_is_exact(tmp_path):
 def test_train_resume_after_interrupt_is_exact_with_dropout(tmp_path):
     """With dropout (the paper preset uses 0.13) resuming is exact too."""
     check_resume_is_exact(tmp_path, dropout=0.5)
+
+
+@given(TOTAL_STEPS, SNAPSHOT_COUNTS)
+def test_log_snapshot_steps_increase_strictly_and_end_at_the_budget(steps, snapshots):
+    """Log spacing: strictly increasing integer steps in [1, total], at most the count asked for,
+    the last one final, the first near 1% of the budget, and successive ratios geometric."""
+    cfg = memdiff.TrainConfig(steps=steps, snapshots=snapshots, snapshot_spacing='log')
+    snaps = cfg.snapshot_steps(10)
+    assert all(isinstance(s, int) for s in snaps)
+    assert all(a < b for a, b in zip(snaps, snaps[1:]))
+    assert snaps[-1] == steps and snaps[0] >= 1
+    assert 1 <= len(snaps) <= snapshots
+    if snapshots >= 2:
+        assert snaps[0] == max(1, round(steps / 100))
+
+
+def test_log_snapshot_steps_by_hand_and_images_take_precedence():
+    """3000 steps in 3 log-spaced snapshots: 30, 300, 3000; snapshot_images still wins."""
+    assert memdiff.TrainConfig(steps=3000, snapshots=3,
+                               snapshot_spacing='log').snapshot_steps(10) == [30, 300, 3000]
+    by_images = memdiff.TrainConfig(steps=3000, batch=64, snapshot_images=64_000)
+    log = memdiff.TrainConfig(steps=3000, batch=64, snapshot_images=64_000, snapshot_spacing='log')
+    assert log.snapshot_steps(10) == by_images.snapshot_steps(10)
+    with pytest.raises(ValueError, match='snapshot_spacing'):
+        memdiff.TrainConfig(snapshot_spacing='cubic').snapshot_steps(10)
