@@ -246,9 +246,9 @@ class _Ask(Exception):
         super().__init__(n)
         self.n = n
 
-def search_frontier(known, pending, lo, hi, threshold=0.9, step=1, tolerance=0.0, limit=64):
-    """Sizes find_emm may still ask for, likeliest first: breadth-first over both outcomes of every
-    size not yet known (a passing guess first). known: {n: ratio}; pending: sizes being measured."""
+def search_frontier(known, lo, hi, threshold=0.9, step=1, tolerance=0.0, limit=64):
+    """The first `limit` sizes find_emm may still ask for, given the ratios known {n: ratio}, likeliest
+    first: breadth-first over both outcomes of every size not yet known (a passing guess first)."""
     out, queue = [], [{}]
     while queue and len(out) < limit:
         guess = queue.pop(0)
@@ -284,8 +284,8 @@ class Prefetch:
 
     run(n) -> (point, samples) is measure_size with its arguments bound (picklable). Every random
     stream is seeded per size, so a worker computes the point a sequential run would; which sizes
-    are asked for, in which order, is find_emm's decision alone. frontier(known, pending) -> sizes
-    still reachable, likeliest first; a running size no longer reachable is stopped (its work/
+    are asked for, in which order, is find_emm's decision alone. frontier(known) -> sizes still
+    reachable, likeliest first; a running size no longer reachable is stopped (its work/
     files stay, so a later search resumes it).
     """
     def __init__(self, run, workers, frontier, threads=1):
@@ -310,7 +310,7 @@ class Prefetch:
 
     def _schedule(self, asked):
         """Stop what is unreachable, then fill idle workers: the asked size first, then the frontier."""
-        reachable = self.frontier(dict(self.ratios), set(self.running))
+        reachable = self.frontier(dict(self.ratios))
         for n in [n for n in self.running if n not in reachable and n != asked]:
             self._stop(n)
         for n in [asked] + reachable:
@@ -388,12 +388,12 @@ def emm_search(cfg, outdir, data, sizes=None, lo=16, hi=None, step=1, tolerance=
                                      progress=progress)
         if workers > 1:
             if sizes:
-                def frontier(done, pending):
+                def frontier(done):
                     return [n for n in sizes if n not in known and n not in done]
             else:
-                def frontier(done, pending):
-                    return search_frontier({**known, **done}, pending, lo, hi, cfg.threshold,
-                                           step, tolerance)
+                def frontier(done):
+                    return search_frontier({**known, **done}, lo, hi, cfg.threshold, step,
+                                           tolerance)
             evaluate = Prefetch(functools.partial(measure_size, cfg, data, work=work), workers,
                                 frontier)
             stack.callback(evaluate.close)

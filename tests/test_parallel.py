@@ -36,15 +36,16 @@ def test_the_frontier_opens_with_the_size_the_search_asks_next(m, lo, span, step
     first, and the frontier of the start holds every size the search will ask for."""
     lo, hi = lo * step, lo * step + span
     asked = memdiff.find_emm(functools.partial(ratio, m), lo, hi, 0.9, step, tolerance)['evaluated']
-    first = run_emm.search_frontier({}, set(), lo, hi, 0.9, step, tolerance, limit=10_000)
+    first = run_emm.search_frontier({}, lo, hi, 0.9, step, tolerance, limit=10_000)
     assert {n for n, _ in asked} <= set(first)
     for k, (n, _) in enumerate(asked):
         known = dict(asked[:k])
-        assert run_emm.search_frontier(known, set(), lo, hi, 0.9, step, tolerance)[0] == n
+        assert run_emm.search_frontier(known, lo, hi, 0.9, step, tolerance)[0] == n
     known = dict(asked)
-    assert run_emm.search_frontier(known, set(), lo, hi, 0.9, step, tolerance) == []
+    assert run_emm.search_frontier(known, lo, hi, 0.9, step, tolerance) == []
 
 
+@pytest.mark.slow                                           # spawns a process per size
 @pytest.mark.parametrize('workers', [2, 3])
 def test_a_prefetching_search_asks_for_the_sequential_sizes(workers):
     """find_emm through Prefetch (sizes measured ahead in worker processes) asks for the same sizes
@@ -54,8 +55,8 @@ def test_a_prefetching_search_asks_for_the_sequential_sizes(workers):
     sequential = memdiff.find_emm(functools.partial(ratio, m), lo, hi, 0.9, 1, 0.1)
     run = functools.partial(synthetic_point, m)
 
-    def frontier(known, pending):
-        return run_emm.search_frontier(known, pending, lo, hi, 0.9, 1, 0.1)
+    def frontier(known):
+        return run_emm.search_frontier(known, lo, hi, 0.9, 1, 0.1)
     prefetch = run_emm.Prefetch(run, workers, frontier)
     try:
         parallel = memdiff.find_emm(lambda n: prefetch(n)[0]['ratio'], lo, hi, 0.9, 1, 0.1)
