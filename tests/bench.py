@@ -245,8 +245,8 @@ def compiled_training(steps=1500, repeat=5):
     other = copy.deepcopy(net)
     eager, compiled = _step_through(net, net, y), _step_through(torch.compile(other), other, y)
     try:
-        import torch._inductor.config
-        torch._inductor.config.force_disable_caches = True  # a cold compile, as a fresh run's
+        from torch._inductor import config as inductor
+        inductor.force_disable_caches = True                # a cold compile, as a fresh run's
         start = time.process_time()
         compiled()                                          # the first call compiles
         t_compile = time.process_time() - start
