@@ -347,9 +347,10 @@ class Prefetch:
         for n in list(self.running):
             self._stop(n)
 
-def default_workers(device):
-    """--workers auto: one size per core, each with one thread (measured: README, Benchmarks)."""
-    return max(1, os.cpu_count() or 1) if device.type == 'cpu' else 1
+def default_workers(device, world):
+    """--workers auto: one size per core, each with one thread (measured: README, Benchmarks);
+    sequential under torchrun or on a GPU."""
+    return max(1, os.cpu_count() or 1) if device.type == 'cpu' and world == 1 else 1
 
 def emm_search(cfg, outdir, data, sizes=None, lo=16, hi=None, step=1, tolerance=0.0,
                device=torch.device('cpu'), progress=None, log=print, workers=1):
@@ -573,7 +574,7 @@ def main(ctx, **opts):
                                 sizes=opts['sizes'], lo=opts['min_size'], hi=opts['max_size'],
                                 tolerance=opts['tolerance'], device=device,
                                 progress=Progress() if rank == 0 else None, log=log,
-                                workers=opts['workers'] or default_workers(device))
+                                workers=opts['workers'] or default_workers(device, world))
             if rank == 0:
                 print_table(record, cfg.threshold)
             records.append((value, record))
