@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import platform
 import sys
 import zipfile
@@ -67,6 +68,17 @@ class LabelMode(click.ParamType):
             self.fail(f"{value!r} is not a label mode (none, true, random:C with C >= 1, unique)",
                       param, ctx)
         return f'random:{int(C)}'
+
+class Workers(click.ParamType):
+    """A whole number >= 1, or 'auto' (-> 0, resolved once the device is known)."""
+    name = 'workers'
+
+    def convert(self, value, param, ctx):
+        if str(value) == 'auto':
+            return 0
+        if str(value).isdigit() and int(value) >= 1:
+            return int(value)
+        self.fail(f"{value!r} is neither a whole number >= 1 nor 'auto'", param, ctx)
 
 #----------------------------------------------------------------------------
 # Files: every file is written whole or not at all.
@@ -255,9 +267,125 @@ def measure_size(cfg, data, n, work, device=torch.device('cpu'), progress=None):
                             on_snapshot=on_snapshot, progress=progress)
     return point, best[0]
 
+class _Ask(Exception):
+    """Raised by a guessed ratio_at: the search would ask for this size next."""
+    def __init__(self, n):
+        super().__init__(n)
+        self.n = n
+
+def search_frontier(known, lo, hi, threshold=0.9, step=1, tolerance=0.0, limit=64):
+    """The first `limit` sizes find_emm may still ask for, given the ratios known {n: ratio}, likeliest
+    first: breadth-first over both outcomes of every size not yet known (a passing guess first)."""
+    out, queue = [], [{}]
+    while queue and len(out) < limit:
+        guess = queue.pop(0)
+
+        def ratio_at(n):
+            if n in guess:
+                return guess[n]
+            raise _Ask(n)
+        try:
+            memdiff.find_emm(ratio_at, lo, hi, threshold, step, tolerance, known)
+        except _Ask as ask:
+            if ask.n not in out:
+                out.append(ask.n)
+            # Passing is threshold itself, failing below it: both are outcomes find_emm can meet.
+            queue += [{**guess, ask.n: threshold}, {**guess, ask.n: threshold - 1}]
+    return out
+
+def _worker(conn, run, n, threads):
+    """A worker process: run(n) -> (point, samples) on the CPU, sent back, or its error."""
+    # Plain pickle, by value: the Pipe's own pickler would share tensors through file descriptors
+    # that vanish with this process.
+    torch.set_num_threads(threads)
+    try:
+        result = run(n)
+    except ValueError as e:
+        result = e
+    conn.send_bytes(pickle.dumps(result))
+    conn.close()
+
+class Prefetch:
+    """ratio_at(n) for find_emm that measures the sizes the search may ask for next in worker
+    processes, and hands each back when it is asked for, in the search's own order.
+
+    run(n) -> (point, samples) is measure_size with its arguments bound (picklable). Every random
+    stream is seeded per size, so a worker computes the point a sequential run would; which sizes
+    are asked for, in which order, is find_emm's decision alone. frontier(known) -> sizes still
+    reachable, likeliest first; a running size no longer reachable is stopped (its work/
+    files stay, so a later search resumes it).
+    """
+    def __init__(self, run, workers, frontier, threads=1):
+        import multiprocessing
+        self.ctx = multiprocessing.get_context('spawn')    # a fresh interpreter: no forked threads
+        self.run, self.workers, self.frontier, self.threads = run, workers, frontier, threads
+        self.running, self.finished = {}, {}                # n -> (process, pipe); n -> result
+        self.ratios = {}                                    # every size measured so far
+
+    def _start(self, n):
+        recv, send = self.ctx.Pipe(duplex=False)
+        p = self.ctx.Process(target=_worker, daemon=True, args=(send, self.run, n, self.threads))
+        p.start()
+        send.close()
+        self.running[n] = (p, recv)
+
+    def _stop(self, n):
+        p, recv = self.running.pop(n)
+        p.terminate()
+        p.join()
+        recv.close()
+
+    def _schedule(self, asked):
+        """Stop what is unreachable, then fill idle workers: the asked size first, then the frontier."""
+        reachable = self.frontier(dict(self.ratios))
+        for n in [n for n in self.running if n not in reachable and n != asked]:
+            self._stop(n)
+        for n in [asked] + reachable:
+            if len(self.running) >= self.workers:
+                break
+            if n not in self.running and n not in self.finished and n not in self.ratios:
+                self._start(n)
+
+    def __call__(self, n):
+        """(point, samples) of size n, waiting for its worker."""
+        import multiprocessing.connection
+        self._schedule(n)
+        while n not in self.finished:
+            pipes = {recv: m for m, (_, recv) in self.running.items()}
+            for recv in multiprocessing.connection.wait(list(pipes)):
+                m = pipes[recv]
+                try:
+                    self.finished[m] = pickle.loads(recv.recv_bytes())
+                except EOFError:                            # died without a word (killed, OOM)
+                    self.finished[m] = ValueError(f'|D| = {m}: the worker process died (exit code '
+                                                  f'{self.running[m][0].exitcode}); rerun to resume')
+                if not isinstance(self.finished[m], Exception):
+                    self.ratios[m] = self.finished[m][0]['ratio']
+                self.running[m][0].join()
+                self.running.pop(m)
+            self._schedule(n)
+        result = self.finished.pop(n)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def close(self):
+        """Stop the workers still running (speculative sizes the search never asked for)."""
+        for n in list(self.running):
+            self._stop(n)
+
+def default_workers(device, world):
+    """--workers auto: one size per core, each with one thread (measured: README, Benchmarks);
+    sequential under torchrun or on a GPU."""
+    return max(1, os.cpu_count() or 1) if device.type == 'cpu' and world == 1 else 1
+
 def emm_search(cfg, outdir, data, sizes=None, lo=16, hi=None, step=1, tolerance=0.0,
-               device=torch.device('cpu'), progress=None, log=print):
-    """Measure the sizes (or search [lo, hi]) of data = (images, labels); record and resume in outdir."""
+               device=torch.device('cpu'), progress=None, log=print, workers=1):
+    """Measure the sizes (or search [lo, hi]) of data = (images, labels); record and resume in outdir.
+
+    With workers > 1 (CPU, one process), sizes the search may ask for next are measured in that many
+    worker processes, one thread each; the sizes chosen and their points are a sequential run's.
+    """
     images, labels = data
     if hi is None:                                          # the largest size every class can fill
         hi = memdiff.max_subset_size(labels if labels is not None else len(images))
@@ -269,12 +397,15 @@ def emm_search(cfg, outdir, data, sizes=None, lo=16, hi=None, step=1, tolerance=
         raise ValueError(f'the smallest size searched ({lo}) is above the largest ({hi})')
     config = cfg.to_dict()
     rank, world = memdiff.dist_info()
+    if workers > 1 and (world > 1 or device.type != 'cpu'):
+        raise ValueError('--workers above 1 runs sizes in parallel CPU processes; use it without '
+                         'torchrun and on the CPU')
     outdir = Path(outdir)
     points = read_record(outdir, config)                    # before anything is written
     work = outdir / 'work'
     if rank == 0:
         work.mkdir(parents=True, exist_ok=True)
-    with claim(outdir, rank == 0):
+    with claim(outdir, rank == 0), contextlib.ExitStack() as stack:
         if rank == 0 and not points:                        # the configuration, before any work
             write_record(outdir, config, points, cfg.threshold)
         if world > 1:
@@ -282,11 +413,25 @@ def emm_search(cfg, outdir, data, sizes=None, lo=16, hi=None, step=1, tolerance=
         if points:
             log(f'resuming: {len(points)} size(s) already measured in {outdir / "results.json"}')
         known = {p['size']: p['ratio'] for p in points}
+        evaluate = functools.partial(measure_size, cfg, data, work=work, device=device,
+                                     progress=progress)
+        if workers > 1:
+            if sizes:
+                def frontier(done):
+                    return [n for n in sizes if n not in known and n not in done]
+            else:
+                def frontier(done):
+                    return search_frontier({**known, **done}, lo, hi, cfg.threshold, step,
+                                           tolerance)
+            evaluate = Prefetch(functools.partial(measure_size, cfg, data, work=work), workers,
+                                frontier)
+            stack.callback(evaluate.close)
+            log(f'{workers} worker processes, one thread each')
 
         def ratio_at(n):
             log(f'|D| = {n}: ' + ('sampling the closed-form optimum' if cfg.optimum else
                                   f'training {cfg.train.total_steps(n)} steps'))
-            point, x = measure_size(cfg, data, n, work, device, progress)
+            point, x = evaluate(n)
             points.append(point)
             if rank == 0:
                 write_record(outdir, config, points, cfg.threshold)
@@ -325,6 +470,7 @@ Examples:
   python run_emm.py --optimum                        # the closed-form optimum: memorizes every size
   python run_emm.py --labels unique --sizes 64,256   # one class per image, two sizes
   python run_emm.py --resolution 4 --channels 8      # lower data dimension, narrower network
+  python run_emm.py --workers 2                      # two sizes at a time, one core each
   python run_emm.py --dry-run --preset paper --data cifar-10-python.tar.gz
   python run_emm.py --data cifar-10-python.tar.gz --labels random:10 --sizes 1000 --export set.zip
   torchrun --standalone --nproc_per_node=8 run_emm.py --preset paper --data cifar-10-python.tar.gz
@@ -419,6 +565,9 @@ Examples:
               help='Seed of training: initial weights, data order and noise.')
 @click.option('--device', metavar='DEV', default='auto', show_default=True,
               help="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:1'.")
+@click.option('--workers', metavar='N|auto', type=Workers(), default='1', show_default=True,
+              help='Measure sizes the search may ask for next in N CPU processes of one thread '
+                   "each ('auto': one per core); the sizes chosen and their points do not change.")
 @click.option('--outdir', metavar='DIR', default=None,
               help='Output folder (default: runs/emm-<hash of the configuration>); reruns resume.')
 @click.option('--dry-run', is_flag=True, help='Print the configuration and its cost, then stop.')
@@ -472,7 +621,8 @@ def main(ctx, **opts):
             record = emm_search(cfg, outdir, dataset(cfg.data, cfg.resolution, cfg.classes),
                                 sizes=opts['sizes'], lo=opts['min_size'], hi=opts['max_size'],
                                 tolerance=opts['tolerance'], device=device,
-                                progress=Progress() if rank == 0 else None, log=log)
+                                progress=Progress() if rank == 0 else None, log=log,
+                                workers=opts['workers'] or default_workers(device, world))
             if rank == 0:
                 print_table(record, cfg.threshold)
             records.append((value, record))
@@ -548,7 +698,8 @@ def sweep_values(ctx, opts):
     factor, _, text = opts['sweep'].partition('=')
     name = factor.strip().replace('-', '_')
     params = {p.name: p for p in ctx.command.params}
-    if name not in params or name in ('sweep', 'outdir', 'dry_run', 'preset', 'device', 'sizes'):
+    if name not in params or name in ('sweep', 'outdir', 'dry_run', 'preset', 'device', 'sizes',
+                                      'workers'):
         raise click.BadParameter(f'unknown factor {factor!r} (use an option name such as labels, '
                                  'resolution, channels, classes, skips, embedding, weight-decay, '
                                  'ema, batch)', param_hint='--sweep')

@@ -2,11 +2,15 @@
 
 Run by hand (not part of the test suite):  python tests/bench.py [--quick]
 Prints a table of time ratios against each baseline (below 1.0 is faster than the baseline),
-achieved GFLOP/s against a plain matmul of the same shapes, throughput of the U-Net, and the peak
-memory of the optimum. Ratios, not absolute times, are the targets: the machine is shared.
+achieved GFLOP/s against a plain matmul of the same shapes, the peak memory of the optimum, and the
+U-Net's training step against a straightforward one with each speed lever's effect. Ratios, not
+absolute times, are the targets: the machine is shared. The training steps are timed in CPU time
+of this process, which does not count the time the machine gives other jobs; run them with
+OMP_NUM_THREADS=1 on a busy machine (idle OpenMP threads spin and are counted).
 """
 
 import argparse
+import copy
 import platform
 import subprocess
 import sys
@@ -28,19 +32,19 @@ def best_time(fn, repeat):
         times.append(time.perf_counter() - t)
     return min(times)
 
-def paired(fns, repeat, seconds=1.0):
+def paired(fns, repeat, seconds=1.0, clock=time.perf_counter):
     """Interleave the candidates round by round so that load on the machine hits them alike."""
-    start = time.perf_counter()
+    start = clock()
     for fn in fns:
         fn()
     # Millisecond calls get more rounds (about `seconds` in all): their minimum of a few is noisy.
-    rounds = max(repeat, int(seconds / max(time.perf_counter() - start, 1e-6)))
+    rounds = max(repeat, int(seconds / max(clock() - start, 1e-6)))
     times = [[] for _ in fns]
     for _ in range(rounds):
         for t, fn in zip(times, fns):
-            start = time.perf_counter()
+            start = clock()
             fn()
-            t.append(time.perf_counter() - start)
+            t.append(clock() - start)
     return [min(t) for t in times]
 
 # Baselines: the formulas written as one matrix over the whole training set.
@@ -143,40 +147,127 @@ def unfuse(module):
             unfuse(child)
     return module
 
-def unet_throughput(res, channels, mult, blocks, attn, batch, in_ch, repeat):
-    """(parameters, training images/s fused, the same unfused, sampler network evaluations/s)."""
-    cfg = memdiff.EMMConfig(channels=channels, channel_mult=mult, blocks=blocks, attn=attn)
-    fused = memdiff.build_network(cfg, (in_ch, res, res), 0)
-    plain = unfuse(memdiff.build_network(cfg, (in_ch, res, res), 0))
-    plain.load_state_dict(fused.state_dict())
-    y = torch.rand(batch, in_ch, res, res, generator=torch.Generator().manual_seed(0)) * 2 - 1
+def plain_adam(params, lr):
+    """Adam's per-tensor loop (torch's single-tensor path, as EDM's loop runs it on a CPU)."""
+    return torch.optim.Adam(params, lr=lr, foreach=False, fused=False)
 
-    def stepper(precond):
-        opt = torch.optim.Adam(precond.parameters(), lr=1e-4)
-        g = torch.Generator().manual_seed(0)
+def training_step(precond, y, fast, lr=1e-4, channels_last=False, nan_rule=True):
+    """One training step as memdiff.train takes it (fast) or as a straightforward loop would: loss,
+    backward, EDM's nan_to_num on the gradients, Adam, and the EMA of the weights -> step() -> loss."""
+    ema = copy.deepcopy(precond).requires_grad_(False)
+    params, ema_params = list(precond.parameters()), list(ema.parameters())
+    opt = torch.optim.Adam(params, lr=lr, fused=True) if fast else plain_adam(params, lr)
+    g = torch.Generator().manual_seed(0)
+    if channels_last:
+        y = y.contiguous(memory_format=torch.channels_last)
 
-        def step():
-            loss = memdiff.edm_loss(precond, y, generator=g).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        return step
+    def step():
+        loss = memdiff.edm_loss(precond, y, generator=g).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if nan_rule:
+            for p in params:
+                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+        opt.step()
+        with torch.no_grad():
+            if fast:
+                torch._foreach_lerp_(ema_params, params, 1 - 0.999)
+            else:                                           # EDM's loop: one tensor at a time
+                for p_ema, p_net in zip(ema_params, params):
+                    p_ema.copy_(p_net.detach().lerp(p_ema, 0.999))
+        return loss.detach()
+    return step
+
+def with_manual_attention(fn):
+    """fn run with attention as explicit softmax(q kT) v instead of the fused kernel."""
     sdpa = F.scaled_dot_product_attention
-    fused_step, plain_step = stepper(fused), stepper(plain)
 
-    def plain_with_manual_attention():
+    def run():
         F.scaled_dot_product_attention = manual_attention
         try:
-            plain_step()
+            return fn()
         finally:
             F.scaled_dot_product_attention = sdpa
-    t_fused, t_plain = paired([fused_step, plain_with_manual_attention], repeat)
+    return run
+
+def unet_training(res, channels, mult, blocks, attn, batch, in_ch, repeat, levers=True):
+    """Training steps of memdiff's U-Net against the unfused one, same weights, same loss, timed by
+    CPU time over interleaved rounds -> dict of seconds per step (and sampler evaluations/s)."""
+    cfg = memdiff.EMMConfig(channels=channels, channel_mult=mult, blocks=blocks, attn=attn)
+    torch.manual_seed(0)
+    fused = memdiff.build_network(cfg, (in_ch, res, res), 0)
+    y = torch.rand(batch, in_ch, res, res, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    nets = dict(memdiff=fused, unfused=unfuse(copy.deepcopy(fused)))
+    steps = dict(memdiff=training_step(nets['memdiff'], y, fast=True),
+                 unfused=with_manual_attention(training_step(nets['unfused'], y, fast=False)))
+    if levers:
+        cl = copy.deepcopy(fused).to(memory_format=torch.channels_last)
+        steps['channels-last'] = training_step(cl, y, fast=True, channels_last=True)
+        steps['no nan_to_num'] = training_step(copy.deepcopy(fused), y, fast=True, nan_rule=False)
+    # The same weights give the same loss, step after step, to float32 rounding.
+    for _ in range(2):
+        losses = {k: float(fn()) for k, fn in steps.items()}
+        for k, v in losses.items():
+            assert abs(v - losses['memdiff']) <= 1e-4 * abs(losses['memdiff']), (k, losses)
+    times = dict(zip(steps, paired(list(steps.values()), repeat, clock=time.process_time)))
     fused.eval()
     z = torch.randn(batch, in_ch, res, res)
-    steps = 4
-    t_sample = best_time(lambda: memdiff.edm_sampler(fused, z, num_steps=steps), max(1, repeat // 2))
-    params = sum(p.numel() for p in fused.parameters())
-    return params, batch / t_fused, batch / t_plain, batch * (2 * steps - 1) / t_sample
+    n = 4
+    t_sample = best_time(lambda: memdiff.edm_sampler(fused, z, num_steps=n), max(1, repeat // 2))
+    times['params'] = sum(p.numel() for p in fused.parameters())
+    times['evals/s'] = batch * (2 * n - 1) / t_sample
+    return times
+
+def sampling_batches(batches=(250, 1000, 4000), num=4000, repeat=3):
+    """CPU seconds per sample of generate()'s network evaluations at each batch size (digits default)."""
+    cfg = memdiff.EMMConfig()
+    torch.manual_seed(0)
+    net = memdiff.build_network(cfg, (1, 8, 8), 0).eval()
+    z = torch.randn(num, 1, 8, 8)
+    sigma = torch.full([], 2.0)
+
+    def run(b):
+        def call():
+            with torch.no_grad():
+                for s in range(0, num, b):
+                    net(z[s:s + b], sigma)
+        return call
+    return dict(zip(batches, (t / num for t in paired([run(b) for b in batches], repeat,
+                                                       clock=time.process_time))))
+
+def compiled_training(steps=1500, repeat=5):
+    """torch.compile of the digits network's training step: (compile seconds, compiled / eager step,
+    end-to-end ratio of `steps` steps including the compile), or None without a working compiler."""
+    cfg = memdiff.EMMConfig()
+    torch.manual_seed(0)
+    net = memdiff.build_network(cfg, (1, 8, 8), 0)
+    y = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    other = copy.deepcopy(net)
+    eager, compiled = _step_through(net, net, y), _step_through(torch.compile(other), other, y)
+    try:
+        from torch._inductor import config as inductor
+        inductor.force_disable_caches = True                # a cold compile, as a fresh run's
+        start = time.process_time()
+        compiled()                                          # the first call compiles
+        t_compile = time.process_time() - start
+    except Exception as e:                                  # no C compiler, no backend: skip
+        print(f'(torch.compile unavailable: {type(e).__name__})')
+        return None
+    t_eager, t_comp = paired([eager, compiled], repeat, clock=time.process_time)
+    return t_compile, t_comp / t_eager, (t_compile + steps * t_comp) / (steps * t_eager)
+
+def _step_through(model, precond, y):
+    """A fast training step whose loss calls model (a compiled wrapper of precond)."""
+    params = list(precond.parameters())
+    opt = torch.optim.Adam(params, lr=1e-4, fused=True)
+    g = torch.Generator().manual_seed(0)
+
+    def step():
+        loss = memdiff.edm_loss(model, y, generator=g, **precond.loss_constants()).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -207,16 +298,31 @@ def main():
           f'({matrix / 2**20:.0f} MiB); one-matrix baseline {base / 2**20:.0f} MiB '
           f'({base / matrix:.2f} x).')
 
-    print('\n| U-Net | parameters | batch | training images/s | unfused images/s | step time '
-          'ratio (fused / unfused) | sampler network evaluations/s |')
-    print('|---|---|---|---|---|---|---|')
+    print('\nU-Net training steps (loss, backward, nan_to_num, Adam, EMA), CPU time per step:\n\n'
+          '| U-Net | parameters | batch | memdiff ms | unfused ms | ratio | channels-last | '
+          'without nan_to_num | sampler evaluations/s |\n|---|---|---|---|---|---|---|---|---|')
     for name, spec in [('digits default (8x8x1, 16 ch, mult 1,2, 1 block, attn 4)',
                         (8, 16, (1, 2), 1, (4,), 64, 1)),
                        ('DDPM++ 32x32x3, 64 ch, mult 2,2,2, 2 blocks, attn 16',
                         (32, 64, (2, 2, 2), 2, (16,), 8, 3))]:
-        params, ips, plain_ips, evals = unet_throughput(*spec, repeat=max(2, repeat // 2))
-        print(f'| {name} | {params:,} | {spec[5]} | {ips:.0f} | {plain_ips:.0f} | '
-              f'{plain_ips / ips:.2f}x | {evals:.0f} |')
+        t = unet_training(*spec, repeat=max(3, repeat // 2))
+        m = t['memdiff']
+        print(f"| {name} | {t['params']:,} | {spec[5]} | {m * 1e3:.1f} | {t['unfused'] * 1e3:.1f} | "
+              f"{m / t['unfused']:.2f}x | {t['channels-last'] / m:.2f}x | "
+              f"{t['no nan_to_num'] / m:.2f}x | {t['evals/s']:.0f} |")
+
+    per_sample = sampling_batches(repeat=max(3, repeat // 2))
+    base = per_sample[1000]
+    print('\nSampling batch (digits default), CPU time per network evaluation of one sample, against '
+          'the default 1000: ' + ', '.join(f'{b}: {t / base:.2f}x' for b, t in per_sample.items()))
+
+    if not args.quick:
+        out = compiled_training()
+        if out is not None:
+            t_compile, ratio, end_to_end = out
+            print(f'\ntorch.compile, digits default: compiling took {t_compile:.0f} s of CPU time; '
+                  f'a compiled step takes {ratio:.2f}x an eager one; 1,500 steps with the compile '
+                  f'take {end_to_end:.2f}x eager.')
 
 if __name__ == '__main__':
     main()
