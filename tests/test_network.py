@@ -606,3 +606,108 @@ def test_unet_noise_frequencies_are_the_specs():
     four = tiny_unet(model_channels=256, arch='ncsnpp')
     assert four.freqs.shape == (256,)                          # 2 * 256 / 2
     assert 12 < four.freqs.std().item() < 20 and abs(four.freqs.mean().item()) < 3
+
+
+#----------------------------------------------------------------------------
+# Every documented default is the paper's, and every constant reaches the formulas when varied.
+
+def defaults(fn):
+    import inspect
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def test_network_precond_and_loss_defaults_are_the_papers():
+    """SPEC 9 / 4.3 / 4.4: UNet's DDPM++ defaults, EDM/VP constants, P_mean, P_std, the VE range."""
+    assert defaults(memdiff.UNet) == dict(
+        label_dim=0, model_channels=128, channel_mult=(2, 2, 2), num_blocks=2,
+        attn_resolutions=(16,), dropout=0.13, arch='ddpmpp', embedding=None, skips=None)
+    assert defaults(memdiff.Precond) == dict(kind='edm', sigma_data=0.5, beta_d=19.9, beta_min=0.1,
+                                             M=1000, epsilon_t=1e-5, sigma_min=None, sigma_max=None)
+    assert defaults(memdiff.edm_loss) == dict(class_labels=None, P_mean=-1.2, P_std=1.2,
+                                              sigma_data=0.5, generator=None)
+    assert defaults(memdiff.vp_loss) == dict(class_labels=None, beta_d=19.9, beta_min=0.1,
+                                             epsilon_t=1e-5, generator=None)
+    assert defaults(memdiff.ve_loss) == dict(class_labels=None, sigma_min=0.02, sigma_max=100,
+                                             generator=None)
+    assert defaults(memdiff.vp_sigma) == defaults(memdiff.vp_sigma_inv) == dict(beta_d=19.9,
+                                                                               beta_min=0.1)
+    vp, ve, edm = (memdiff.Precond(tiny_unet(), k) for k in ['vp', 've', 'edm'])
+    assert (ve.sigma_min, ve.sigma_max) == (0.02, 100.0) and (edm.sigma_min, edm.sigma_max) == \
+        (0.0, math.inf)
+    # sigma(epsilon_t) rounded in float32, as EDM computes it (exp(1e-6) - 1 loses digits there).
+    f32 = lambda t, bd=19.9, bm=0.1: math.sqrt(float(torch.tensor(bd / 2 * t * t + bm * t).exp()) - 1)
+    assert vp.sigma_min == pytest.approx(f32(1e-5), rel=1e-6)
+    assert vp.sigma_max == pytest.approx(math.sqrt(math.expm1(19.9 / 2 + 0.1)), rel=1e-6)
+
+
+PRECOND_CONSTANTS = st.fixed_dictionaries({
+    'sigma_data': st.floats(0.1, 2.0), 'beta_d': st.floats(5.0, 30.0), 'beta_min': st.floats(0.01, 1.0),
+    'M': st.integers(10, 2000), 'epsilon_t': st.floats(1e-6, 1e-2)})
+
+
+@given(kind=KINDS, sigma=SIGMAS, constants=PRECOND_CONSTANTS)
+def test_precond_constants_reach_the_coefficients_and_the_range(kind, sigma, constants):
+    """Precond(sigma_data, beta_d, beta_min, M, epsilon_t) uses them: coefficients and VP's range."""
+    c = constants
+    precond = memdiff.Precond(tiny_unet(), kind=kind, **c)
+    got = precond.coefficients(torch.tensor([sigma], dtype=torch.float64))
+    expected = list(expected_coefficients(kind, sigma, c['sigma_data'], c['beta_d'], c['beta_min']))
+    if kind == 'vp':
+        expected[3] = expected[3] / 999 * (c['M'] - 1)
+    for name, value, e in zip(['c_skip', 'c_out', 'c_in', 'c_noise'], got, expected):
+        atol = 1e-3 if name == 'c_noise' else 0.0
+        assert math.isclose(float(value.reshape(-1)[0]), e, rel_tol=1e-5, abs_tol=atol), name
+    if kind == 'vp':
+        s = lambda t: math.sqrt(math.expm1(c['beta_d'] * t * t / 2 + c['beta_min'] * t))
+        f32 = torch.tensor(c['beta_d'] / 2 * c['epsilon_t'] ** 2 + c['beta_min'] * c['epsilon_t'])
+        assert precond.sigma_min == pytest.approx(math.sqrt(float(f32.exp()) - 1), rel=1e-3)
+        assert precond.sigma_max == pytest.approx(s(1.0), rel=1e-5)
+        assert precond.loss_constants() == dict(beta_d=c['beta_d'], beta_min=c['beta_min'],
+                                                epsilon_t=c['epsilon_t'])
+    elif kind == 'edm':
+        assert precond.loss_constants() == dict(sigma_data=c['sigma_data'])
+    lo, hi = sorted([0.01 + c['beta_min'], 10 + c['beta_d']])
+    ranged = memdiff.Precond(tiny_unet(), kind=kind, sigma_min=lo, sigma_max=hi)
+    assert (ranged.sigma_min, ranged.sigma_max) == (lo, hi)
+    if kind == 've':
+        assert ranged.loss_constants() == dict(sigma_min=lo, sigma_max=hi)
+
+
+LOSS_CONSTANTS = {
+    'edm': st.fixed_dictionaries({'P_mean': st.floats(-2.0, 1.0), 'P_std': st.floats(0.3, 2.0),
+                                  'sigma_data': st.floats(0.2, 2.0)}),
+    'vp': st.fixed_dictionaries({'beta_d': st.floats(5.0, 30.0), 'beta_min': st.floats(0.01, 1.0),
+                                 'epsilon_t': st.floats(1e-4, 0.3)}),
+    've': st.fixed_dictionaries({'sigma_min': st.floats(0.005, 0.5), 'sigma_max': st.floats(5.0, 200.0)}),
+}
+
+
+@pytest.mark.parametrize('kind', ['edm', 'vp', 've'])
+@given(data=st.data())
+def test_loss_constants_set_the_weight_and_the_noise_distribution(kind, data):
+    """Each loss's constants reach lambda(sigma) and the law of sigma (4,000 draws; defaults too)."""
+    c = data.draw(st.one_of(st.just({}), LOSS_CONSTANTS[kind]), label='constants')
+    y = torch.zeros(4000, 1, 1, 1) + 0.25
+    calls = []
+    loss = memdiff.LOSSES[kind](recording_denoiser(calls, 0.0), y, **c,
+                                generator=torch.Generator().manual_seed(1))
+    (x, sigma, _), = calls
+    s = sigma.double().flatten()
+    if kind == 'edm':
+        sd = c.get('sigma_data', 0.5)
+        weight = (s ** 2 + sd ** 2) / (s * sd) ** 2
+        z = (s.log() - c.get('P_mean', -1.2)) / c.get('P_std', 1.2)   # should be N(0, 1)
+        assert abs(z.mean()) < 0.1 and abs(z.std() - 1) < 0.1
+    elif kind == 'vp':
+        bd, bm, et = c.get('beta_d', 19.9), c.get('beta_min', 0.1), c.get('epsilon_t', 1e-5)
+        weight = 1 / s ** 2
+        t = memdiff.vp_sigma_inv(s, bd, bm)                   # U(epsilon_t, 1)
+        assert t.min() >= et * (1 - 1e-4) - 1e-7 and t.max() <= 1 + 1e-6
+        assert abs(t.mean() - (1 + et) / 2) < 0.03 and abs(t.std() - (1 - et) / math.sqrt(12)) < 0.03
+    else:
+        lo, hi = math.log(c.get('sigma_min', 0.02)), math.log(c.get('sigma_max', 100))
+        weight = 1 / s ** 2
+        u = (s.log() - lo) / (hi - lo)                        # U(0, 1)
+        assert u.min() >= -1e-6 and u.max() <= 1 + 1e-6 and abs(u.mean() - 0.5) < 0.03
+    torch.testing.assert_close(loss.double(), weight * 0.25 ** 2, rtol=1e-4, atol=0)
