@@ -391,3 +391,15 @@ def test_png_zip_loads_images_in_name_order_with_dataset_json_labels(tmp_path, w
     assert torch.equal(images, torch.from_numpy(pixels[order].transpose(0, 3, 1, 2).astype(np.float32)
                                                 / 127.5 - 1))
     assert labels is None if not with_labels else labels.tolist() == order.tolist()
+
+
+@pytest.mark.parametrize('classes', [1, 2, 10])
+def test_classes_keeps_the_first_c_classes_one_to_all(classes):
+    """classes=C keeps the images of classes 0..C-1, for every C from 1 to the number of classes."""
+    images, labels = digits()
+    kept_images, kept = memdiff.load_dataset('digits', classes=classes)
+    assert torch.equal(kept, labels[labels < classes])
+    assert torch.equal(kept_images, images[labels < classes])
+    for bad in [0, 11]:
+        with pytest.raises(ValueError, match=f'classes={bad}'):
+            memdiff.load_dataset('digits', classes=bad)
