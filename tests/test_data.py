@@ -101,6 +101,25 @@ def test_balanced_subset_gives_a_short_class_share_to_the_others():
     assert all(a <= b for a, b in zip(subsets, subsets[1:]))
 
 
+
+@given(caps=st.lists(st.integers(1, 6), min_size=1, max_size=5), seed=SEEDS)
+def test_balanced_subset_of_uneven_classes_has_every_size_and_the_water_level(caps, seed):
+    """For classes of any sizes and every n: n distinct images, each class min(size, L) or one more,
+    the extra ones to the lowest classes that still have images (water filling)."""
+    labels = torch.cat([torch.full((cap,), c) for c, cap in enumerate(caps)])
+    labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))]
+    for n in range(1, len(labels) + 1):
+        idx = memdiff.balanced_subset(labels, n, seed=seed)
+        assert len(torch.unique(idx)) == len(idx) == n
+        counts = torch.bincount(labels[idx], minlength=len(caps)).tolist()
+        L = max(level for level in range(max(caps) + 1) if sum(min(c, level) for c in caps) <= n)
+        base = [min(c, L) for c in caps]
+        extra = n - sum(base)
+        open_classes = [c for c, cap in enumerate(caps) if cap > L]
+        expected = [b + (c in open_classes[:extra]) for c, b in enumerate(base)]
+        assert counts == expected, (caps, n)
+
+
 #----------------------------------------------------------------------------
 # Downsampling and the loader's builders.
 
