@@ -196,7 +196,7 @@ def mutated_code(tree, mutant):
 
 def key(m):
     """How MUTANTS.md names a mutant: section, function and change (stable when lines move)."""
-    return f"{m['section']} {m['function']} {m['change']} | {m['text']}"
+    return f"§{m['section']} {m['function']}: {m['change']} in {m['text']}"
 
 
 def equivalents():

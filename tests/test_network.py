@@ -711,3 +711,17 @@ def test_loss_constants_set_the_weight_and_the_noise_distribution(kind, data):
         u = (s.log() - lo) / (hi - lo)                        # U(0, 1)
         assert u.min() >= -1e-6 and u.max() <= 1 + 1e-6 and abs(u.mean() - 0.5) < 0.03
     torch.testing.assert_close(loss.double(), weight * 0.25 ** 2, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize('model_channels, ok', [(4, True), (8, True), (12, True), (0, False),
+                                                (2, False), (6, False), (-4, False)])
+def test_model_channels_are_positive_multiples_of_four(model_channels, ok):
+    """model_channels must be a positive multiple of 4 (GroupNorm's C // 4 groups); 4 itself works."""
+    build = lambda: tiny_unet(model_channels=model_channels, attn_resolutions=())
+    if ok:
+        net = build().eval()
+        with torch.no_grad():
+            assert net(torch.zeros(1, 1, 8, 8), torch.zeros(1)).shape == (1, 1, 8, 8)
+    else:
+        with pytest.raises(ValueError, match='model_channels'):
+            build()
