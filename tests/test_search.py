@@ -267,3 +267,11 @@ def test_emm_defaults_are_the_papers():
         curve = {n: ratio_at(n) for n in [8, 16, 32, 64]}
         points = [dict(size=n, ratio=r) for n, r in curve.items()]
         assert memdiff.summarize(points, **kwargs)['emm'] == 16
+
+
+@given(searches(STEPS), st.sampled_from([0.0, 0.2]))
+def test_find_emm_sizes_are_whole_numbers(s, tolerance):
+    """Every size find_emm evaluates, and the EMM, is a Python int (a data set size, not 24.0)."""
+    result, calls = run_search(s, tolerance)
+    assert all(type(n) is int for n, _ in result['evaluated']) and all(type(n) is int for n in calls)
+    assert result['emm'] is None or type(result['emm']) is int

@@ -425,3 +425,11 @@ def test_ema_rampup_and_halflife_reach_every_mode(n, step, rampup, halflife):
         expected = {'mode1': 0.5 ** (64 / h), 'mode2': 0.5 ** (512 / (h * 50_000 / n)),
                     'mode4': 0.999 / 0.5 ** (64 / 500_000) * 0.5 ** (64 / (h * 50_000 / n))}[mode]
         assert cfg.ema_beta_at(nimg, n) == pytest.approx(expected, rel=1e-12)
+
+
+@given(st.integers(100, 3000), STUDY_BATCHES, st.sampled_from([1, 2, 5]))
+def test_snapshot_images_in_whole_ticks_follow_edm_ticks(n, batch, ticks):
+    """A snapshot every k ticks (k x 50k images) falls where EDM's loop with snapshot_ticks=k writes it."""
+    cfg = memdiff.TrainConfig(epochs=200.0, batch=batch, snapshot_images=ticks * 50_000)
+    total = cfg.total_steps(n)
+    assert cfg.snapshot_steps(n) == (edm_tick_snapshots(total, batch, snapshot_ticks=ticks) or [total])
