@@ -2,6 +2,7 @@
 down-sampling and labels, the 8-bit grid, and --export of the study's files."""
 
 import functools
+import io
 import json
 import random
 import re
@@ -144,6 +145,7 @@ def test_balanced_subset_rejects_a_class_shorter_than_its_share():
     memdiff.balanced_subset(digit_labels, top)
     with pytest.raises(ValueError, match='fewer than its share'):
         memdiff.balanced_subset(digit_labels, top + 1)
+
 
 
 #----------------------------------------------------------------------------
@@ -534,3 +536,115 @@ def test_cifar_batch_that_runs_a_command_is_refused(tmp_path):
     with pytest.raises(ValueError, match='not a CIFAR-10 python archive'):
         memdiff.load_dataset(path)
     assert not marker.exists()
+
+
+# Every layout, range rule and file format, round-tripped.
+
+@pytest.mark.parametrize('channels', [1, 3, 4])
+@pytest.mark.parametrize('layout', ['NCHW', 'NHWC'])
+def test_every_channel_count_loads_in_both_layouts(tmp_path, channels, layout):
+    """1, 3 and 4 channels load from NCHW and NHWC; a shape that fits both (N,3,3,3) stays NCHW."""
+    pixels = np.random.default_rng(channels).integers(0, 256, size=(2, channels, 6, 6), dtype=np.uint8)
+    stored = pixels if layout == 'NCHW' else pixels.transpose(0, 2, 3, 1)
+    images, _ = memdiff.load_dataset(_write_npz(tmp_path / 'x.npz', images=stored))
+    assert torch.equal(images, torch.from_numpy(pixels.astype(np.float32) / 127.5 - 1))
+    for c in [1, 3, 4]:
+        both = np.arange(2 * c ** 3, dtype=np.uint8).reshape(2, c, c, c)
+        images, _ = memdiff.load_dataset(_write_npz(tmp_path / f'both{c}.npz', images=both))
+        assert torch.equal(images, torch.from_numpy(both.astype(np.float32) / 127.5 - 1))
+
+
+@pytest.mark.parametrize('low, high, ok', [(-1.0, 1.0, True), (-1.5, 0.0, False), (0.0, 1.5, False),
+                                           (-1 - 1e-7, 1 + 1e-7, True), (-1.01, 1.01, False)])
+def test_float_images_must_lie_in_minus_one_one(tmp_path, low, high, ok):
+    """Float pixels outside [-1, 1] (either end, beyond float rounding) are a ValueError."""
+    x = np.linspace(low, high, 16, dtype=np.float64).reshape(1, 1, 4, 4)
+    path = _write_npz(tmp_path / 'range.npz', images=x)
+    if ok:
+        assert memdiff.load_dataset(path)[0].shape == (1, 1, 4, 4)
+    else:
+        with pytest.raises(ValueError, match='range.npz'):
+            memdiff.load_dataset(path)
+
+
+@pytest.mark.parametrize('labels, ok', [([0.0, 2.0, 1.0], True), ([0.0, 0.5, 1.0], False),
+                                        ([0.0, np.nan, 1.0], False), ([0, -1, 1], False),
+                                        ([[1, 0], [0, 1], [1, 0]], True)])
+def test_labels_must_be_non_negative_integers_or_one_hot_rows(tmp_path, labels, ok):
+    """Labels: whole numbers >= 0 (any dtype), or one-hot rows read as their argmax."""
+    path = _write_npz(tmp_path / 'labels.npz', images=np.zeros((3, 1, 2, 2), np.uint8),
+                      labels=np.array(labels))
+    if ok:
+        loaded = memdiff.load_dataset(path)[1]
+        assert loaded.dtype == torch.int64
+        assert loaded.tolist() == (np.argmax(labels, 1) if np.ndim(labels) == 2 else
+                                   np.array(labels, dtype=np.int64)).tolist()
+    else:
+        with pytest.raises(ValueError, match='labels.npz'):
+            memdiff.load_dataset(path)
+
+
+def _write_cifar(folder, n_per_batch=3):
+    """The CIFAR-10 python layout: data_batch_1..5, each a pickle of uint8 rows [n, 3072] and labels."""
+    import pickle
+    rng = np.random.default_rng(0)
+    rows, labels = [], []
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(1, 6):
+        data = rng.integers(0, 256, size=(n_per_batch, 3072), dtype=np.uint8)
+        lab = [int(v) for v in rng.integers(0, 10, size=n_per_batch)]
+        with open(folder / f'data_batch_{i}', 'wb') as f:
+            pickle.dump({'data': data, 'labels': lab}, f)
+        rows.append(data)
+        labels += lab
+    return np.concatenate(rows).reshape(-1, 3, 32, 32), labels
+
+
+@pytest.mark.parametrize('form', ['folder', 'tar.gz'])
+def test_cifar10_python_archive_loads_the_five_batches_in_order(tmp_path, form):
+    """CIFAR-10's python archive (or its folder): batches 1..5 in order, rows as 3x32x32, x/127.5 - 1."""
+    import tarfile
+    pixels, labels = _write_cifar(tmp_path / 'cifar-10-batches-py')
+    path = tmp_path
+    if form == 'tar.gz':
+        path = tmp_path / 'cifar-10-python.tar.gz'
+        with tarfile.open(path, 'w:gz') as tar:
+            tar.add(tmp_path / 'cifar-10-batches-py', arcname='cifar-10-batches-py')
+    images, loaded = memdiff.load_dataset(str(path))
+    assert torch.equal(images, torch.from_numpy(pixels.astype(np.float32) / 127.5 - 1))
+    assert loaded.tolist() == labels
+
+
+@pytest.mark.parametrize('with_labels', [True, False])
+def test_png_zip_loads_images_in_name_order_with_dataset_json_labels(tmp_path, with_labels):
+    """An EDM-style zip: PNGs sorted by name, labels from dataset.json, or None without it."""
+    import zipfile
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(3, 4, 4, 3), dtype=np.uint8)
+    names = ['img2.png', 'img0.png', 'img1.png']
+    path = tmp_path / 'set.zip'
+    with zipfile.ZipFile(path, 'w') as z:
+        for name, p in zip(names, pixels):
+            buf = io.BytesIO()
+            Image.fromarray(p).save(buf, format='PNG')
+            z.writestr(name, buf.getvalue())
+        if with_labels:
+            z.writestr('dataset.json', json.dumps({'labels': [[n, i] for i, n in enumerate(names)]}))
+    images, labels = memdiff.load_dataset(str(path))
+    order = np.argsort(names)
+    assert torch.equal(images, torch.from_numpy(pixels[order].transpose(0, 3, 1, 2).astype(np.float32)
+                                                / 127.5 - 1))
+    assert labels is None if not with_labels else labels.tolist() == order.tolist()
+
+
+@pytest.mark.parametrize('classes', [1, 2, 10])
+def test_classes_keeps_the_first_c_classes_one_to_all(classes):
+    """classes=C keeps the images of classes 0..C-1, for every C from 1 to the number of classes."""
+    images, labels = digits()
+    kept_images, kept = memdiff.load_dataset('digits', classes=classes)
+    assert torch.equal(kept, labels[labels < classes])
+    assert torch.equal(kept_images, images[labels < classes])
+    for bad in [0, 11]:
+        with pytest.raises(ValueError, match=f'classes={bad}'):
+            memdiff.load_dataset('digits', classes=bad)

@@ -150,3 +150,32 @@ def test_measure_resumed_after_interrupt_in_sampling_keeps_every_snapshot(tmp_pa
     assert [s['step'] for s in resumed['snapshots']] == TINY_MEASURE.train.snapshot_steps(16)
     assert resumed == clean
     assert torch.equal(x_resumed, x_clean)
+
+
+def test_training_set_with_true_labels_keeps_the_subsets_labels():
+    """labels='true': the subset's own labels and label_dim = 10; 'none': no labels."""
+    images, labels = DIGITS
+    for mode, dim in [('true', 10), ('none', 0)]:
+        y, c, label_dim = memdiff.training_set(images, labels, 30, memdiff.EMMConfig(labels=mode))
+        idx = memdiff.balanced_subset(labels, 30)
+        assert torch.equal(y, images[idx]) and label_dim == dim
+        assert (c is None) if mode == 'none' else torch.equal(c, labels[idx])
+
+
+def test_generate_reports_progress_in_network_evaluations():
+    """progress('sample', calls, total) counts every denoiser call: total = batches x (2 steps - 1)."""
+    D = memdiff.OptimalDenoiser(DIGITS[0][:20].double())
+    seen = []
+    memdiff.generate(D, 10, (1, 8, 8), 0, torch.device('cpu'), num_steps=4, batch=4,
+                     progress=lambda *a: seen.append(a))
+    assert seen[-1] == ('sample', 3 * 7, 3 * 7) and len(seen) == 21
+
+
+def test_score_counts_d1_d2_strictly_below_the_cut(monkeypatch):
+    """score() counts d1/d2 < mem_threshold: a ratio exactly at the cut is not memorized."""
+    ratios = torch.tensor([1 / 3, 0.2, 0.5, 1 / 3 - 1e-12], dtype=torch.float64)
+    monkeypatch.setattr(memdiff, 'memorization_scores', lambda x, y, t: (ratios, ratios < t))
+    result, d1_d2 = memdiff.score(torch.zeros(4, 1, 2, 2), torch.zeros(2, 1, 2, 2))
+    assert result['ratio'] == 0.5 and torch.equal(d1_d2, ratios)
+    result, _ = memdiff.score(torch.zeros(4, 1, 2, 2), torch.zeros(2, 1, 2, 2), mem_threshold=0.2)
+    assert result['ratio'] == 0.0

@@ -256,3 +256,76 @@ def test_wilson_interval_reaches_zero_and_one_at_the_extremes():
     for n in range(1, 200):
         assert memdiff.wilson_interval(0, n)[0] == 0.0, n
         assert memdiff.wilson_interval(n, n)[1] == 1.0, n
+
+
+#----------------------------------------------------------------------------
+# The cut, in exact arithmetic: integer coordinates whose distances are whole numbers or square
+# roots of integers, so d1/d2 = 1/3 holds exactly in floating point (5/15, as 1/3 is computed).
+
+CUT_CASES = [  # (second neighbour, d2^2): d1 = 5 from (3, 4); d2 = 15 exactly, just above, just below
+    ((9, 12), 225), ((15, 1), 226), ((14, 4), 212)]
+DTYPES = st.sampled_from([torch.float32, torch.float64])
+
+
+@given(dtype=DTYPES, shift=st.integers(-3, 3), scale=st.sampled_from([1, 2, 4, 0.5]),
+       chunk=st.integers(1, 4))
+def test_the_cut_is_strict_at_exactly_one_third(dtype, shift, scale, chunk):
+    """d1/d2 = 1/3 exactly is not memorized (strict <); d2 a hair longer is, a hair shorter is not."""
+    for (a, b), d2_sq in CUT_CASES:
+        y = torch.tensor([[3, 4], [a, b], [40, 40], [-30, 7]], dtype=dtype) * scale + shift
+        x = torch.tensor([[0, 0]], dtype=dtype) * scale + shift
+        ratio, mask = memdiff.memorization_scores(x, y, chunk=chunk)
+        assert ratio.item() == pytest.approx(5 / math.sqrt(d2_sq), rel=1e-6)
+        if d2_sq == 225:
+            assert ratio.item() == torch.tensor(1 / 3, dtype=dtype).item() and not mask.item()
+        assert bool(mask.item()) == (d2_sq > 225)          # the default cut is 1/3
+        assert memdiff.memorization_ratio(x, y, chunk=chunk) == float(d2_sq > 225)
+
+
+@given(dtype=DTYPES, cut=st.sampled_from([(1, 2), (1, 4), (3, 5), (2, 3)]))
+def test_the_cut_is_strict_at_any_mem_threshold(dtype, cut):
+    """With mem_threshold = p/q, a sample at d1/d2 = p/q exactly is not memorized, just inside is."""
+    p, q = cut
+    y = torch.tensor([[p, 0], [0, q], [0, -q - 1], [50, 50]], dtype=dtype)  # d1 = p, d2 = q, q + 1
+    x = torch.zeros(1, 2, dtype=dtype)
+    ratio, mask = memdiff.memorization_scores(x, y, mem_threshold=p / q)
+    assert ratio.item() == torch.tensor(p / q, dtype=dtype).item() and not mask.item()
+    assert memdiff.memorization_ratio(x, y, mem_threshold=p / q + 1e-6) == 1.0
+    assert memdiff.memorization_ratio(x, y, p / q + 1e-6, 1) == 1.0   # positional (threshold, chunk)
+    d, i = memdiff.nearest_neighbors(x, y, k=3, chunk=1)
+    assert d.tolist() == [[p, q, q + 1]] and i.tolist() == [[0, 1, 2]]
+
+
+@given(dtype=DTYPES, seed=SEEDS)
+def test_score_uses_its_mem_threshold_and_the_papers_default(dtype, seed):
+    """score(samples, y, mem_threshold) counts d1/d2 < mem_threshold; its default is 1/3."""
+    y = draw(seed, 12, 1, 2, 2, dtype=dtype).clip(-1, 1)
+    which = torch.randint(12, (40,), generator=torch.Generator().manual_seed(seed))
+    x = (y[which] + 0.3 * draw(seed + 1, 40, 1, 2, 2, dtype=dtype)).clip(-1, 1)
+    for threshold in [None, 0.2, 0.6]:
+        kwargs = {} if threshold is None else dict(mem_threshold=threshold)
+        result, d1_d2 = memdiff.score(x, y, **kwargs)
+        expected = memdiff.memorization_scores(memdiff.quantize_uint8(x), y)[0]
+        torch.testing.assert_close(d1_d2, expected, rtol=0, atol=0)
+        k = int((expected < (1 / 3 if threshold is None else threshold)).sum())
+        assert result['ratio'] == k / 40
+        assert result['ci'] == list(memdiff.wilson_interval(k, 40))
+
+
+@given(n=TRIALS, data=st.data(), z=st.floats(0.5, 4.0))
+def test_wilson_interval_follows_its_z(n, data, z):
+    """wilson_interval(k, n, z) is the closed form at that z; the default z is 1.96 (95%)."""
+    k = data.draw(st.integers(0, n), label='k')
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    low, high = memdiff.wilson_interval(k, n, z=z)
+    assert math.isclose(low, min(p, max(0.0, centre - half)), abs_tol=1e-12)
+    assert math.isclose(high, max(p, min(1.0, centre + half)), abs_tol=1e-12)
+    assert memdiff.wilson_interval(k, n) == memdiff.wilson_interval(k, n, z=1.96)
+
+
+def test_wilson_interval_of_no_trials_is_everything():
+    """n = 0 (or less) says nothing: the interval is [0, 1]."""
+    assert memdiff.wilson_interval(0, 0) == (0.0, 1.0)
+    assert memdiff.wilson_interval(0, -1) == (0.0, 1.0)

@@ -410,3 +410,318 @@ def test_class_indices_never_build_a_one_hot(monkeypatch):
         monkeypatch.setattr(torch.nn.functional, 'one_hot', None)   # calling it would fail
         largest = largest_fresh_allocation(lambda: memdiff.Precond(net, 'vp')(x, 1.0, idx))
     assert largest < B * L                                     # even a bool one-hot is B * L bytes
+
+#----------------------------------------------------------------------------
+# The U-Net's values against a forward pass rebuilt by hand from SPEC section 5, reading only the
+# weights of memdiff's layers (the formulas, group counts, eps, factors and order are the test's own).
+# Every weight is randomized first: EDM's init scales some layers to ~1e-5, which would hide a bug.
+
+Fn = torch.nn.functional
+BLOCK_CASES = st.sampled_from([        # (cin, cout, up, down, attention, taps)
+    (8, 8, False, False, False, (1, 1)), (8, 8, False, False, True, (1, 1)),
+    (8, 16, False, False, True, (1, 1)), (16, 8, False, False, False, (1, 1)),
+    (8, 8, False, True, False, (1, 1)), (8, 8, True, False, True, (1, 1)),
+    (8, 12, False, True, True, (1, 3, 3, 1)), (12, 8, True, False, False, (1, 3, 3, 1))])
+UNET_CASES = st.fixed_dictionaries({   # 8x8 or 16x16 images, 8 channels: fast and every path taken
+    'img_resolution': st.sampled_from([8, 16]),
+    'in_channels': st.integers(1, 3),
+    'out_channels': st.integers(1, 3),
+    'label_dim': st.sampled_from([0, 3]),
+    'model_channels': st.sampled_from([8, 12]),
+    'channel_mult': st.sampled_from([(1, 2), (2, 1, 2)]),
+    'num_blocks': st.integers(1, 2),
+    'attn_levels': st.sets(st.integers(0, 2), max_size=2),
+    'arch': st.sampled_from(['ddpmpp', 'ncsnpp']),
+    'embedding': st.sampled_from([None, 'positional', 'fourier']),
+    'drop_skips': st.sets(st.integers(0, 8), max_size=3),
+})
+
+
+def ref_norm(layer, x):
+    """GroupNorm of SPEC 5: min(32, C // 4) groups, eps 1e-6, the layer's affine weight and bias."""
+    C = x.shape[1]
+    assert layer.num_groups == min(32, C // 4) and layer.eps == 1e-6
+    return Fn.group_norm(x, min(32, C // 4), layer.weight, layer.bias, eps=1e-6)
+
+
+def ref_conv(layer, x):
+    """A 'same' convolution (padding k // 2) with the layer's weight and bias."""
+    k = layer.weight.shape[-1]
+    return Fn.conv2d(x, layer.weight, layer.bias, padding=k // 2)
+
+
+def ref_linear(layer, x):
+    return x @ layer.weight.T + layer.bias
+
+
+def ref_resample(x, mode, taps):
+    """SPEC 5: depthwise FIR outer(taps) / sum(taps)^2, stride 2, padding (taps - 1) // 2; up: 4x
+    the filter, transposed. Written with convolutions for every taps, [1, 1] included."""
+    t = torch.tensor(taps, dtype=x.dtype)
+    C, pad = x.shape[1], (len(taps) - 1) // 2
+    f = (t.outer(t) / t.sum() ** 2).expand(C, 1, len(taps), len(taps))
+    if mode == 'down':
+        return Fn.conv2d(x, f, stride=2, padding=pad, groups=C)
+    return Fn.conv_transpose2d(x, 4 * f, stride=2, padding=pad, groups=C)
+
+
+def ref_attention(block, x):
+    """One head: q, k, v = the qkv conv of GN(x) split in three channel chunks [q; k; v],
+    softmax over keys of q^T k / sqrt(C), projected, added to x, times sqrt(1/2)."""
+    B, C, H, W = x.shape
+    qkv = ref_conv(block.qkv, ref_norm(block.norm2, x)).reshape(B, 3 * C, H * W)
+    q, k, v = qkv[:, :C], qkv[:, C:2 * C], qkv[:, 2 * C:]            # [B, C, HW] each
+    w = torch.softmax(torch.einsum('bci,bcj->bij', q, k) / math.sqrt(C), dim=2)  # [B, HW, HW]
+    a = torch.einsum('bij,bcj->bci', w, v).reshape(B, C, H, W)
+    return (ref_conv(block.proj, a) + x) * math.sqrt(0.5)
+
+
+def ref_block(block, x, emb, cin, cout, up=False, down=False, attention=False, taps=(1, 1)):
+    """Block of SPEC 5 by hand; also checks that memdiff built the layers the case needs."""
+    resample = (lambda t: ref_resample(t, 'up' if up else 'down', taps)) if up or down else None
+    assert (block.skip is not None) == (cin != cout or up or down)
+    assert hasattr(block, 'qkv') == attention
+    h = Fn.silu(ref_norm(block.norm0, x))
+    h = ref_conv(block.conv0, resample(h) if resample else h)
+    h = h + ref_linear(block.affine, emb)[:, :, None, None]
+    h = ref_conv(block.conv1, Fn.silu(ref_norm(block.norm1, h)))    # dropout: eval mode
+    skip = x
+    if block.skip is not None:
+        skip = ref_conv(block.skip, resample(x) if resample else x)
+    x = (h + skip) * math.sqrt(0.5)
+    return ref_attention(block, x) if attention else x
+
+
+def ref_embedding(net, c_noise, class_labels, arch, embedding, model_channels, label_dim):
+    """Noise (and label) mapping of SPEC 5 -> e [B, 4 model_channels]."""
+    K = model_channels * (1 if arch == 'ddpmpp' else 2) // 2
+    if embedding == 'positional':
+        freqs = (1 / 10000) ** (torch.arange(K, dtype=torch.float64) / (K - 1))
+        arg = c_noise.double()[:, None] * freqs[None]
+    else:                                                     # the net's N(0, 16^2) frequencies
+        assert net.freqs.shape == (K,)
+        arg = 2 * math.pi * c_noise.double()[:, None] * net.freqs.double()[None]
+    emb = torch.cat([arg.sin(), arg.cos()], dim=1).float()    # [cos, sin] with halves swapped
+    if label_dim:
+        onehot = class_labels if class_labels is not None else torch.zeros(len(c_noise), label_dim)
+        emb = emb + ref_linear(net.map_label, onehot * math.sqrt(label_dim))
+    return Fn.silu(ref_linear(net.map_layer1, Fn.silu(ref_linear(net.map_layer0, emb))))
+
+
+def ref_unet(net, x, c_noise, class_labels, img_resolution, in_channels, model_channels,
+             channel_mult, num_blocks, attn_resolutions, arch, embedding, label_dim, skips):
+    """The whole U-Net of SPEC 5 by hand: encoder, skip stack, decoder, NCSN++'s aux path."""
+    taps = (1, 1) if arch == 'ddpmpp' else (1, 3, 3, 1)
+    emb = ref_embedding(net, c_noise, class_labels, arch, embedding, model_channels, label_dim)
+    stack, aux, c = [], x, in_channels
+    for level, mult in enumerate(channel_mult):
+        r = img_resolution >> level
+        if level == 0:
+            x = ref_conv(net.enc[f'{r}_conv'], x)
+        else:
+            x = ref_block(net.enc[f'{r}_down'], x, emb, c, c, down=True, taps=taps)
+            if arch == 'ncsnpp':                              # fused conv, then FIR stride 2
+                layer = net.aux[f'{r}']
+                h = Fn.conv2d(aux, layer.weight, padding=1 + (len(taps) - 1) // 2)
+                t = torch.tensor(taps, dtype=h.dtype)
+                f = (t.outer(t) / t.sum() ** 2).expand(h.shape[1], 1, len(taps), len(taps))
+                h = Fn.conv2d(h, f, stride=2, groups=h.shape[1])  # no padding: fused
+                x = aux = (x + h + layer.bias[:, None, None]) / math.sqrt(2)
+        c = model_channels if level == 0 else c
+        stack.append(x)
+        for i in range(num_blocks):
+            cout = model_channels * mult
+            x = ref_block(net.enc[f'{r}_block{i}'], x, emb, c, cout,
+                          attention=r in attn_resolutions, taps=taps)
+            c = cout
+            stack.append(x)
+    stack = [s if on else torch.zeros_like(s) for s, on in zip(stack, skips)]
+    for level, mult in reversed(list(enumerate(channel_mult))):
+        r = img_resolution >> level
+        if level == len(channel_mult) - 1:
+            x = ref_block(net.dec[f'{r}_in0'], x, emb, c, c, attention=True, taps=taps)
+            x = ref_block(net.dec[f'{r}_in1'], x, emb, c, c, taps=taps)
+        else:
+            x = ref_block(net.dec[f'{r}_up'], x, emb, c, c, up=True, taps=taps)
+        for i in range(num_blocks + 1):
+            x = torch.cat([x, stack.pop()], dim=1)            # [features, skip]
+            cout = model_channels * mult
+            x = ref_block(net.dec[f'{r}_block{i}'], x, emb, x.shape[1], cout,
+                          attention=i == num_blocks and r in attn_resolutions, taps=taps)
+            c = cout
+    assert not stack
+    return ref_conv(net.out_conv, Fn.silu(ref_norm(net.out_norm, x)))
+
+
+@given(case=BLOCK_CASES, seed=SEEDS)
+def test_block_equals_the_spec_formulas_by_hand(case, seed):
+    """Block(x, e) = ((conv1(SiLU(GN(conv0(resample(SiLU(GN x))) + A e))) + skip) / sqrt 2 [-> attention]."""
+    cin, cout, up, down, attention, taps = case
+    g = torch.Generator().manual_seed(seed)
+    block = memdiff.Block(cin, cout, 12, up=up, down=down, attention=attention, taps=taps)
+    perturb(block, seed)
+    x, emb = torch.randn(2, cin, 8, 8, generator=g), torch.randn(2, 12, generator=g)
+    with torch.no_grad():
+        got, expected = block(x, emb), ref_block(block, x, emb, cin, cout, up, down, attention, taps)
+    assert got.shape == (2, cout, *[16 if up else 4 if down else 8] * 2)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@given(case=UNET_CASES, seed=SEEDS)
+def test_unet_equals_the_spec_forward_by_hand(case, seed):
+    """The whole DDPM++ / NCSN++ U-Net (labels, attention, skip switches) equals SPEC 5 by hand."""
+    case = dict(case)
+    res = case['img_resolution']
+    attn = tuple(res >> level for level in case.pop('attn_levels'))
+    drop = case.pop('drop_skips')
+    num_skips = len(case['channel_mult']) * (case['num_blocks'] + 1)
+    skips = [0 if i in drop else 1 for i in range(num_skips)]
+    net = perturb(memdiff.UNet(**case, attn_resolutions=attn, dropout=0.0, skips=skips), seed)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, case['in_channels'], res, res, generator=g)
+    c_noise = torch.randn(2, generator=g) * 2
+    labels = torch.eye(3)[torch.randint(3, (2,), generator=g)] if case['label_dim'] else None
+    embedding = case['embedding'] or ('positional' if case['arch'] == 'ddpmpp' else 'fourier')
+    kwargs = {k: case[k] for k in ['img_resolution', 'in_channels', 'model_channels',
+                                   'channel_mult', 'num_blocks', 'arch', 'label_dim']}
+    with torch.no_grad():
+        got = net(x, c_noise, labels)
+        expected = ref_unet(net, x, c_noise, labels, attn_resolutions=attn, embedding=embedding,
+                            skips=skips, **kwargs)
+        if case['label_dim']:                                 # no labels: the all-zero label row
+            torch.testing.assert_close(net(x, c_noise), ref_unet(
+                net, x, c_noise, None, attn_resolutions=attn, embedding=embedding, skips=skips,
+                **kwargs), rtol=1e-4, atol=1e-4)
+    assert got.shape == (2, case['out_channels'], res, res)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * (1 + expected.abs().max()))
+
+
+def test_unet_noise_frequencies_are_the_specs():
+    """Positional: (1/10000)^(k/(K-1)); Fourier: a fixed N(0, 16^2) draw of K = channels/2 (NCSN++: x2)."""
+    torch.manual_seed(0)
+    pos = tiny_unet(model_channels=32)
+    K = 16
+    torch.testing.assert_close(pos.freqs.double(), (1 / 10000) ** (torch.arange(K) / (K - 1)).double(),
+                               rtol=1e-6, atol=0)
+    four = tiny_unet(model_channels=256, arch='ncsnpp')
+    assert four.freqs.shape == (256,)                          # 2 * 256 / 2
+    assert 12 < four.freqs.std().item() < 20 and abs(four.freqs.mean().item()) < 3
+
+
+#----------------------------------------------------------------------------
+# Every documented default is the paper's, and every constant reaches the formulas when varied.
+
+def defaults(fn):
+    import inspect
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def test_network_precond_and_loss_defaults_are_the_papers():
+    """SPEC 9 / 4.3 / 4.4: UNet's DDPM++ defaults, EDM/VP constants, P_mean, P_std, the VE range."""
+    assert defaults(memdiff.UNet) == dict(
+        label_dim=0, model_channels=128, channel_mult=(2, 2, 2), num_blocks=2,
+        attn_resolutions=(16,), dropout=0.13, arch='ddpmpp', embedding=None, skips=None)
+    assert defaults(memdiff.Precond) == dict(kind='edm', sigma_data=0.5, beta_d=19.9, beta_min=0.1,
+                                             M=1000, epsilon_t=1e-5, sigma_min=None, sigma_max=None)
+    assert defaults(memdiff.edm_loss) == dict(class_labels=None, P_mean=-1.2, P_std=1.2,
+                                              sigma_data=0.5, generator=None)
+    assert defaults(memdiff.vp_loss) == dict(class_labels=None, beta_d=19.9, beta_min=0.1,
+                                             epsilon_t=1e-5, generator=None)
+    assert defaults(memdiff.ve_loss) == dict(class_labels=None, sigma_min=0.02, sigma_max=100,
+                                             generator=None)
+    assert defaults(memdiff.vp_sigma) == defaults(memdiff.vp_sigma_inv) == dict(beta_d=19.9,
+                                                                               beta_min=0.1)
+    vp, ve, edm = (memdiff.Precond(tiny_unet(), k) for k in ['vp', 've', 'edm'])
+    assert (ve.sigma_min, ve.sigma_max) == (0.02, 100.0) and (edm.sigma_min, edm.sigma_max) == \
+        (0.0, math.inf)
+    # sigma(epsilon_t) rounded in float32, as EDM computes it (exp(1e-6) - 1 loses digits there).
+    f32 = lambda t, bd=19.9, bm=0.1: math.sqrt(float(torch.tensor(bd / 2 * t * t + bm * t).exp()) - 1)
+    assert vp.sigma_min == pytest.approx(f32(1e-5), rel=1e-6)
+    assert vp.sigma_max == pytest.approx(math.sqrt(math.expm1(19.9 / 2 + 0.1)), rel=1e-6)
+
+
+PRECOND_CONSTANTS = st.fixed_dictionaries({
+    'sigma_data': st.floats(0.1, 2.0), 'beta_d': st.floats(5.0, 30.0), 'beta_min': st.floats(0.01, 1.0),
+    'M': st.integers(10, 2000), 'epsilon_t': st.floats(1e-6, 1e-2)})
+
+
+@given(kind=KINDS, sigma=SIGMAS, constants=PRECOND_CONSTANTS)
+def test_precond_constants_reach_the_coefficients_and_the_range(kind, sigma, constants):
+    """Precond(sigma_data, beta_d, beta_min, M, epsilon_t) uses them: coefficients and VP's range."""
+    c = constants
+    precond = memdiff.Precond(tiny_unet(), kind=kind, **c)
+    got = precond.coefficients(torch.tensor([sigma], dtype=torch.float64))
+    expected = list(expected_coefficients(kind, sigma, c['sigma_data'], c['beta_d'], c['beta_min']))
+    if kind == 'vp':
+        expected[3] = expected[3] / 999 * (c['M'] - 1)
+    for name, value, e in zip(['c_skip', 'c_out', 'c_in', 'c_noise'], got, expected):
+        atol = 1e-3 if name == 'c_noise' else 0.0
+        assert math.isclose(float(value.reshape(-1)[0]), e, rel_tol=1e-5, abs_tol=atol), name
+    if kind == 'vp':
+        s = lambda t: math.sqrt(math.expm1(c['beta_d'] * t * t / 2 + c['beta_min'] * t))
+        f32 = torch.tensor(c['beta_d'] / 2 * c['epsilon_t'] ** 2 + c['beta_min'] * c['epsilon_t'])
+        assert precond.sigma_min == pytest.approx(math.sqrt(float(f32.exp()) - 1), rel=1e-3)
+        assert precond.sigma_max == pytest.approx(s(1.0), rel=1e-5)
+        assert precond.loss_constants() == dict(beta_d=c['beta_d'], beta_min=c['beta_min'],
+                                                epsilon_t=c['epsilon_t'])
+    elif kind == 'edm':
+        assert precond.loss_constants() == dict(sigma_data=c['sigma_data'])
+    lo, hi = sorted([0.01 + c['beta_min'], 10 + c['beta_d']])
+    ranged = memdiff.Precond(tiny_unet(), kind=kind, sigma_min=lo, sigma_max=hi)
+    assert (ranged.sigma_min, ranged.sigma_max) == (lo, hi)
+    if kind == 've':
+        assert ranged.loss_constants() == dict(sigma_min=lo, sigma_max=hi)
+
+
+LOSS_CONSTANTS = {
+    'edm': st.fixed_dictionaries({'P_mean': st.floats(-2.0, 1.0), 'P_std': st.floats(0.3, 2.0),
+                                  'sigma_data': st.floats(0.2, 2.0)}),
+    'vp': st.fixed_dictionaries({'beta_d': st.floats(5.0, 30.0), 'beta_min': st.floats(0.01, 1.0),
+                                 'epsilon_t': st.floats(1e-4, 0.3)}),
+    've': st.fixed_dictionaries({'sigma_min': st.floats(0.005, 0.5), 'sigma_max': st.floats(5.0, 200.0)}),
+}
+
+
+@pytest.mark.parametrize('kind', ['edm', 'vp', 've'])
+@given(data=st.data())
+def test_loss_constants_set_the_weight_and_the_noise_distribution(kind, data):
+    """Each loss's constants reach lambda(sigma) and the law of sigma (4,000 draws; defaults too)."""
+    c = data.draw(st.one_of(st.just({}), LOSS_CONSTANTS[kind]), label='constants')
+    y = torch.zeros(4000, 1, 1, 1) + 0.25
+    calls = []
+    loss = memdiff.LOSSES[kind](recording_denoiser(calls, 0.0), y, **c,
+                                generator=torch.Generator().manual_seed(1))
+    (x, sigma, _), = calls
+    s = sigma.double().flatten()
+    if kind == 'edm':
+        sd = c.get('sigma_data', 0.5)
+        weight = (s ** 2 + sd ** 2) / (s * sd) ** 2
+        z = (s.log() - c.get('P_mean', -1.2)) / c.get('P_std', 1.2)   # should be N(0, 1)
+        assert abs(z.mean()) < 0.1 and abs(z.std() - 1) < 0.1
+    elif kind == 'vp':
+        bd, bm, et = c.get('beta_d', 19.9), c.get('beta_min', 0.1), c.get('epsilon_t', 1e-5)
+        weight = 1 / s ** 2
+        t = memdiff.vp_sigma_inv(s, bd, bm)                   # U(epsilon_t, 1)
+        assert t.min() >= et * (1 - 1e-4) - 1e-7 and t.max() <= 1 + 1e-6
+        assert abs(t.mean() - (1 + et) / 2) < 0.03 and abs(t.std() - (1 - et) / math.sqrt(12)) < 0.03
+    else:
+        lo, hi = math.log(c.get('sigma_min', 0.02)), math.log(c.get('sigma_max', 100))
+        weight = 1 / s ** 2
+        u = (s.log() - lo) / (hi - lo)                        # U(0, 1)
+        assert u.min() >= -1e-6 and u.max() <= 1 + 1e-6 and abs(u.mean() - 0.5) < 0.03
+    torch.testing.assert_close(loss.double(), weight * 0.25 ** 2, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize('model_channels, ok', [(4, True), (8, True), (12, True), (0, False),
+                                                (2, False), (6, False), (-4, False)])
+def test_model_channels_are_positive_multiples_of_four(model_channels, ok):
+    """model_channels must be a positive multiple of 4 (GroupNorm's C // 4 groups); 4 itself works."""
+    build = lambda: tiny_unet(model_channels=model_channels, attn_resolutions=())
+    if ok:
+        net = build().eval()
+        with torch.no_grad():
+            assert net(torch.zeros(1, 1, 8, 8), torch.zeros(1)).shape == (1, 1, 8, 8)
+    else:
+        with pytest.raises(ValueError, match='model_channels'):
+            build()

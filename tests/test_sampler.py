@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -153,3 +154,88 @@ def test_sampler_with_the_paper_settings_lands_near_the_gaussian_endpoint():
     out = memdiff.edm_sampler(gaussian_denoiser(0.3, 1.0), latents)
     rel = ((out.double() - exact).norm() / (exact - 0.3).norm()).item()
     assert rel < 0.05
+
+
+#----------------------------------------------------------------------------
+# Every parameter reaches the loop, and the defaults are the paper's: against Heun written out.
+
+def heun_by_hand(denoise, latents, labels, num_steps, sigma_min, sigma_max, rho, S_churn, S_min,
+                 S_max, S_noise, generator):
+    """EDM's Algorithm 2 in float64 Python-level steps, independent of memdiff's sigma schedule."""
+    n = num_steps
+    t = [(sigma_max ** (1 / rho) + i / (n - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho)))
+         ** rho for i in range(n)] + [0.0]
+    x = latents.double() * t[0]
+    for i in range(n):
+        gamma = min(S_churn / n, math.sqrt(2) - 1) if S_min <= t[i] <= S_max else 0.0
+        t_hat = t[i] * (1 + gamma)
+        if gamma > 0:
+            eps = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+            x = x + math.sqrt(t_hat ** 2 - t[i] ** 2) * S_noise * eps
+        d = (x - denoise(x, torch.tensor(t_hat, dtype=torch.float64), labels)) / t_hat
+        x_next = x + (t[i + 1] - t_hat) * d
+        if i < n - 1:
+            d2 = (x_next - denoise(x_next, torch.tensor(t[i + 1], dtype=torch.float64), labels)) \
+                / t[i + 1]
+            x_next = x + (t[i + 1] - t_hat) * (d + d2) / 2
+        x = x_next
+    return x
+
+
+PAPER_SAMPLER = dict(num_steps=18, sigma_min=0.002, sigma_max=80, rho=7, S_churn=0, S_min=0,
+                     S_max=float('inf'), S_noise=1)
+SAMPLER_SETTINGS = st.fixed_dictionaries({
+    'num_steps': st.integers(2, 12), 'sigma_min': st.floats(0.005, 0.5),
+    'sigma_max': st.floats(2.0, 60.0), 'rho': st.floats(1.5, 9.0), 'S_churn': st.floats(0.0, 8.0),
+    'S_min': st.floats(0.0, 1.0), 'S_max': st.floats(1.0, 50.0), 'S_noise': st.floats(0.5, 1.5)})
+
+
+def labelled_denoiser():
+    """A nonlinear denoiser that uses the labels: D = tanh(x) * (1 + label) * sigma / (1 + sigma)."""
+    def denoise(x, sigma, labels):
+        s = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, *[1] * (x.dim() - 1))
+        scale = 1 + labels.argmax(1).to(x.dtype).reshape(-1, *[1] * (x.dim() - 1))
+        return torch.tanh(x) * scale * s / (1 + s)
+    return denoise
+
+
+@given(settings=SAMPLER_SETTINGS, seed=SEEDS)
+def test_sampler_equals_heun_by_hand_for_any_settings(settings, seed):
+    """edm_sampler(num_steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise) is Alg. 2."""
+    latents = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(seed))
+    labels = torch.eye(3)[[2, 0, 1]]
+    got = memdiff.edm_sampler(labelled_denoiser(), latents, labels, **settings,
+                              generator=torch.Generator().manual_seed(seed + 1))
+    expected = heun_by_hand(labelled_denoiser(), latents, labels, **settings,
+                            generator=torch.Generator().manual_seed(seed + 1))
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sampler_defaults_are_the_papers():
+    """Called with defaults, the sampler is Heun with 18 steps, sigma in [0.002, 80], rho 7, no churn."""
+    latents = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    labels = torch.eye(3)[[1, 2]]
+    got = memdiff.edm_sampler(labelled_denoiser(), latents, labels)
+    expected = heun_by_hand(labelled_denoiser(), latents, labels, **PAPER_SAMPLER, generator=None)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(memdiff.edm_sigma_steps(), torch.tensor(
+        [(80 ** (1 / 7) + i / 17 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7 for i in range(18)]
+        + [0.0], dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize('declared, expected', [
+    ((0.02, 100.0), (0.02, 80.0)), ((0.0, 10.0), (0.002, 10.0)), ((0.01, 50.0), (0.01, 50.0))])
+def test_sampler_clamps_its_range_to_the_denoisers(declared, expected):
+    """sigma_min, sigma_max are clamped into the denoiser's declared [sigma_min, sigma_max]."""
+    calls = []
+    base = recording(gaussian_denoiser(torch.zeros(3, dtype=torch.float64), 1.0), calls)
+
+    class Declared:
+        sigma_min, sigma_max = declared
+
+        def __call__(self, x, sigma, labels=None):
+            return base(x, sigma, labels)
+    memdiff.edm_sampler(Declared(), torch.zeros(1, 3), num_steps=5)
+    sigmas = [float(c[1].reshape(-1)[0]) for c in calls]
+    assert math.isclose(sigmas[0], expected[1], rel_tol=1e-12)
+    assert math.isclose(sigmas[-1], expected[0], rel_tol=1e-9)

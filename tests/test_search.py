@@ -245,3 +245,33 @@ def test_summarize_ignores_point_order(sizes, data, threshold, seed):
     perm = torch.randperm(len(points), generator=torch.Generator().manual_seed(seed)).tolist()
     assert memdiff.summarize([points[i] for i in perm], threshold) == \
         memdiff.summarize(points, threshold)
+
+
+def test_emm_defaults_are_the_papers():
+    """EMM_eps with eps = 0.1: find_emm and summarize cut at 0.9; EMMConfig's measurement defaults."""
+    import inspect
+    default = lambda fn, name: inspect.signature(fn).parameters[name].default
+    assert default(memdiff.find_emm, 'threshold') == default(memdiff.summarize, 'threshold') == 0.9
+    assert (default(memdiff.find_emm, 'step'), default(memdiff.find_emm, 'tolerance')) == (1, 0.0)
+    assert default(memdiff.score, 'mem_threshold') == 1 / 3
+    assert default(memdiff.generate, 'num_steps') == 18
+    cfg = memdiff.EMMConfig()
+    assert (cfg.threshold, cfg.mem_threshold, cfg.num_steps, cfg.samples) == (0.9, 1 / 3, 18, 1000)
+    assert (cfg.data, cfg.labels, cfg.arch, cfg.channels, cfg.channel_mult, cfg.blocks, cfg.attn,
+            cfg.dropout, cfg.optimum, cfg.seed) == ('digits', 'none', 'ddpmpp', 16, (1, 2), 1, (4,),
+                                                    0.0, False, 0)
+    # A ratio of exactly 0.9 passes (>=), just under fails: at the default and at any threshold.
+    for threshold, kwargs in [(0.9, {}), (0.75, dict(threshold=0.75))]:
+        ratio_at = lambda n: 1.0 if n < 16 else threshold if n == 16 else threshold - 1e-9
+        assert memdiff.find_emm(ratio_at, 8, 64, **kwargs)['emm'] == 16
+        curve = {n: ratio_at(n) for n in [8, 16, 32, 64]}
+        points = [dict(size=n, ratio=r) for n, r in curve.items()]
+        assert memdiff.summarize(points, **kwargs)['emm'] == 16
+
+
+@given(searches(STEPS), st.sampled_from([0.0, 0.2]))
+def test_find_emm_sizes_are_whole_numbers(s, tolerance):
+    """Every size find_emm evaluates, and the EMM, is a Python int (a data set size, not 24.0)."""
+    result, calls = run_search(s, tolerance)
+    assert all(type(n) is int for n, _ in result['evaluated']) and all(type(n) is int for n in calls)
+    assert result['emm'] is None or type(result['emm']) is int

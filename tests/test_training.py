@@ -355,3 +355,112 @@ def test_log_snapshot_steps_by_hand_and_images_take_precedence():
     assert log.snapshot_steps(10) == by_images.snapshot_steps(10)
     with pytest.raises(ValueError, match='snapshot_spacing'):
         memdiff.TrainConfig(snapshot_spacing='cubic').snapshot_steps(10)
+
+
+#----------------------------------------------------------------------------
+# The optimizer step by hand (Adam's betas and eps, weight decay, the NaN/inf gradient rule), and
+# the documented defaults.
+
+def adam_by_hand(params, grads, lrs, weight_decay, betas=(0.9, 0.999), eps=1e-8):
+    """Plain Adam (torch's L2 weight decay added to the gradient), float64, over the recorded grads."""
+    b1, b2 = betas
+    p = [q.double().clone() for q in params]
+    m = [torch.zeros_like(q) for q in p]
+    v = [torch.zeros_like(q) for q in p]
+    for t, (g_t, lr) in enumerate(zip(grads, lrs), start=1):
+        for j in range(len(p)):
+            g = g_t[j].double() + weight_decay * p[j]
+            m[j] = b1 * m[j] + (1 - b1) * g
+            v[j] = b2 * v[j] + (1 - b2) * g * g
+            p[j] = p[j] - lr * (m[j] / (1 - b1 ** t)) / ((v[j] / (1 - b2 ** t)).sqrt() + eps)
+    return p
+
+
+@pytest.mark.parametrize('weight_decay', [0.0, 0.3])
+def test_training_steps_are_adam_by_hand_with_the_edm_gradient_rule(monkeypatch, weight_decay):
+    """Four steps of train() equal Adam(0.9, 0.999, 1e-8) by hand at the ramped lr, with weight decay,
+    on gradients where NaN became 0 and +-inf became +-1e5 before the step."""
+    grads, original_step = [], torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):
+        grads.append([p.grad.clone() for p in self.param_groups[0]['params']])
+        return original_step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.Adam, 'step', step)
+    n = 8
+    cfg = memdiff.TrainConfig(steps=4, batch=4, snapshots=1, lr=3e-3, lr_rampup_epochs=1.0,
+                              weight_decay=weight_decay, ema_mode='fixed', ema_beta=0.0)
+    precond = tiny_network()
+    params = [p for p in precond.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    j = next(i for i, p in enumerate(params) if p.dim() == 1 and len(p) > 3)   # a bias
+    bad = torch.tensor([math.nan, math.inf, -math.inf])
+    params[j].register_hook(lambda g: torch.cat([bad, g[3:]]))  # non-finite gradients every step
+    (_, ema), = list(memdiff.train(precond, tiny_images(n), None, cfg, seed=0))
+    assert len(grads) == 4
+    for g in grads:
+        assert g[j][:3].tolist() == [0.0, 1e5, -1e5]
+    lrs = [3e-3 * min(k * 4 / n, 1) for k in range(4)]
+    expected = adam_by_hand(start, grads, lrs, weight_decay)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach().double(), e, rtol=1e-5, atol=1e-7)
+    for p, e in zip(ema.parameters(), params):                # ema_beta 0: the EMA is the net
+        assert torch.equal(p, e.detach())
+
+
+def test_sgd_step_is_momentum_sgd_by_hand(monkeypatch):
+    """optimizer='sgd' is SGD with momentum 0.9 (and weight decay) at the ramped lr."""
+    grads, original_step = [], torch.optim.SGD.step
+
+    def step(self, *args, **kwargs):
+        grads.append([p.grad.clone() for p in self.param_groups[0]['params']])
+        return original_step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.SGD, 'step', step)
+    cfg = memdiff.TrainConfig(optimizer='sgd', steps=3, batch=4, snapshots=1, lr=1e-2,
+                              weight_decay=0.1, lr_rampup_epochs=0.5)
+    precond = tiny_network()
+    params = [p for p in precond.parameters() if p.requires_grad]
+    p = [q.detach().double().clone() for q in params]
+    list(memdiff.train(precond, tiny_images(8), None, cfg, seed=1))
+    buf = [None] * len(p)
+    for k, g_k in enumerate(grads):
+        lr = 1e-2 * min(k * 4 / 4, 1)
+        for j in range(len(p)):
+            g = g_k[j].double() + 0.1 * p[j]
+            buf[j] = g if buf[j] is None else 0.9 * buf[j] + g
+            p[j] = p[j] - lr * buf[j]
+    for q, e in zip(params, p):
+        torch.testing.assert_close(q.detach().double(), e, rtol=1e-5, atol=1e-7)
+
+
+def test_train_config_defaults_are_the_documented_ones():
+    """TrainConfig's defaults: the README's CPU digits setting, EDM's EMA ramp-up, the study's mode4 beta."""
+    cfg = memdiff.TrainConfig()
+    assert (cfg.precond, cfg.optimizer, cfg.lr, cfg.batch, cfg.weight_decay, cfg.steps) == \
+        ('edm', 'adam', 1e-3, 64, 0.0, 1500)
+    assert (cfg.epochs, cfg.lr_rampup_epochs, cfg.ema_mode, cfg.ema_halflife_epochs) == \
+        (None, 0.0, 'mode1', 10.0)
+    assert (cfg.ema_rampup, cfg.ema_beta, cfg.whole_kimg, cfg.snapshots, cfg.snapshot_images,
+            cfg.amp) == (0.05, 0.99929, False, 3, None, False)
+    assert (memdiff.REF_IMAGES, memdiff.REF_BATCH, memdiff.REF_HALFLIFE) == (50_000, 512, 500_000)
+
+
+@given(STUDY_SIZES, st.integers(0, 5000), st.floats(0.0, 0.2), st.floats(0.5, 20.0))
+def test_ema_rampup_and_halflife_reach_every_mode(n, step, rampup, halflife):
+    """ema_rampup and ema_halflife_epochs enter beta as h = min(halflife n, rampup nimg) (no rounding)."""
+    for mode in ['mode1', 'mode2', 'mode4']:
+        cfg = memdiff.TrainConfig(batch=64, ema_mode=mode, ema_rampup=rampup,
+                                  ema_halflife_epochs=halflife, ema_beta=0.999)
+        nimg = step * 64
+        h = halflife * n if not rampup else min(halflife * n, rampup * nimg)
+        h = max(h, 1e-8)
+        expected = {'mode1': 0.5 ** (64 / h), 'mode2': 0.5 ** (512 / (h * 50_000 / n)),
+                    'mode4': 0.999 / 0.5 ** (64 / 500_000) * 0.5 ** (64 / (h * 50_000 / n))}[mode]
+        assert cfg.ema_beta_at(nimg, n) == pytest.approx(expected, rel=1e-12)
+
+
+@given(st.integers(100, 3000), STUDY_BATCHES, st.sampled_from([1, 2, 5]))
+def test_snapshot_images_in_whole_ticks_follow_edm_ticks(n, batch, ticks):
+    """A snapshot every k ticks (k x 50k images) falls where EDM's loop with snapshot_ticks=k writes it."""
+    cfg = memdiff.TrainConfig(epochs=200.0, batch=batch, snapshot_images=ticks * 50_000)
+    total = cfg.total_steps(n)
+    assert cfg.snapshot_steps(n) == (edm_tick_snapshots(total, batch, snapshot_ticks=ticks) or [total])
