@@ -338,12 +338,6 @@ def to_uint8(x):
     """Images in [-1, 1] -> uint8 pixels, exactly as EDM's generate.py writes its PNGs."""
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
-def one_hot(labels, label_dim):
-    """Integer labels [B] -> one-hot float32 rows [B, label_dim] (None stays None)."""
-    if labels is None:
-        return None
-    return F.one_hot(labels.long(), label_dim).float()
-
 #----------------------------------------------------------------------------
 # 2. Network: the DDPM++ / NCSN++ U-Net of Song et al. [3] as re-implemented in EDM [2] and used
 # unchanged by the study [1]. Parameter counts are the acceptance test (README, the map).

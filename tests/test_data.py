@@ -301,8 +301,9 @@ def test_malformed_input_raises_value_error_naming_the_file(tmp_path, case):
         path.write_text('not images\n')
     elif content is not None:
         np.savez(path, **content)
-    with pytest.raises(ValueError, match=re.escape(name)):
+    with pytest.raises(ValueError, match=re.escape(name)) as error:
         memdiff.load_dataset(str(path), **kwargs)
+    assert str(error.value).startswith(str(path) + ': ')       # 'file: problem', the file first
 
 
 def test_unknown_data_set_name_raises_value_error_naming_it():
@@ -648,3 +649,18 @@ def test_classes_keeps_the_first_c_classes_one_to_all(classes):
     for bad in [0, 11]:
         with pytest.raises(ValueError, match=f'classes={bad}'):
             memdiff.load_dataset('digits', classes=bad)
+
+
+@pytest.mark.parametrize('resolution', [4])
+def test_float_lanczos_ringing_is_clipped_to_minus_one_one(resolution):
+    """LANCZOS overshoots at sharp edges; float images come back inside [-1, 1], as uint8 ones are
+    clipped to 0..255, and at the ends of the range where the filter rang past them."""
+    x = -np.ones((1, 1, 8, 8), np.float32)
+    x[..., 2:6, 3:5] = 1.0                                  # a bright bar: ringing on both sides
+    y = memdiff.downsample(x, resolution)
+    assert y.min() >= -1 and y.max() <= 1
+    image = Image.fromarray(x[0, 0]).resize((resolution, resolution), Image.LANCZOS)
+    raw = np.asarray(image)
+    assert raw.max() > 1 or raw.min() < -1                  # the filter did ring past the range
+    np.testing.assert_array_equal(y[0, 0], raw.clip(-1, 1))
+
