@@ -289,6 +289,9 @@ MALFORMED = {
     'resolution_above_size': ('big.npz', dict(images=_good_images()), dict(resolution=8)),
     'too_many_classes': ('cls.npz', dict(images=_good_images(), labels=np.array([0, 1, 0, 1])),
                          dict(classes=3)),
+    'npz_without_images': ('pixels.npz', dict(labels=np.arange(4)), {}),
+    'npz_not_a_zip': ('broken.npz', 'text', {}),
+    'png_zip_not_a_zip': ('set.zip', 'text', {}),
 }
 
 
