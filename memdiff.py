@@ -121,11 +121,13 @@ def _load_npz(path):
         _fail(path, 'not a valid .npz file (an .npz is a zip of .npy arrays)')
     try:
         with np.load(path, allow_pickle=False) as z:
-            if 'images' not in z:
-                _fail(path, f"no 'images' array in the npz (found: {', '.join(z.files) or 'nothing'})")
-            images, labels = z['images'], (z['labels'] if 'labels' in z else None)
+            arrays = {k: z[k] for k in z.files if k in ('images', 'labels')}
+            files = z.files
     except (OSError, zipfile.BadZipFile, EOFError, ValueError) as e:
         _fail(path, f'not a valid .npz file ({e})')
+    if 'images' not in arrays:
+        _fail(path, f"no 'images' array in the npz (found: {', '.join(files) or 'nothing'})")
+    images, labels = arrays['images'], arrays.get('labels')
     images = _check_images(images, path)
     return images, _check_labels(labels, len(images), path)
 
