@@ -75,9 +75,9 @@ def _check_images(images, source):
         images = images.transpose(0, 3, 1, 2)               # NHWC -> NCHW (square images)
     if images.shape[0] == 0:
         _fail(source, 'the data set holds no images')
-    if images.dtype == np.uint8:
-        pass
-    elif np.issubdtype(images.dtype, np.number) and not np.issubdtype(images.dtype, np.complexfloating):
+    if images.dtype == np.uint8:                            # kept uint8 until after resizing
+        return np.ascontiguousarray(images)
+    if np.issubdtype(images.dtype, np.number) and not np.issubdtype(images.dtype, np.complexfloating):
         images = images.astype(np.float32)
         if not np.isfinite(images).all():
             _fail(source, 'images contain NaN or inf')
@@ -505,7 +505,7 @@ class UNet(nn.Module):
         self.out_conv = _init(nn.Conv2d(cout, out_channels, 3, padding=1), 1e-5)
 
     def label_embedding(self, class_labels, batch):
-        """Linear(one_hot * sqrt(L)) of labels: one-hot/float rows [B, L] or class indices [B] -> [B, noise]."""
+        """Linear(one_hot * sqrt(L)) of one-hot rows [B, L] or class indices [B] -> [B, noise]."""
         W, b = self.map_label.weight, self.map_label.bias   # [noise, L], [noise]
         if class_labels is None:                            # unconditional call: all-zero label
             return b.expand(batch, -1)

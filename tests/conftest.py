@@ -1,7 +1,8 @@
-"""Shared test settings: Hypothesis profiles and the CPU thread count (nothing else is global)."""
+"""Shared test settings: Hypothesis profiles, the CPU thread count, and the hostile-file fixture."""
 
 import os
 
+import pytest
 import torch
 from hypothesis import settings
 
@@ -14,3 +15,19 @@ settings.load_profile(os.environ.get('HYPOTHESIS_PROFILE', 'ci' if os.environ.ge
 # Every tensor in the suite is tiny: one thread is fastest, and it stays fast on a loaded machine
 # (two spinning OpenMP threads made tiny forwards 20x slower next to other jobs).
 torch.set_num_threads(1)
+
+
+class RunsACommand:
+    """Pickles to os.system('touch marker'): what a tampered file would hold."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
+
+
+@pytest.fixture
+def hostile(tmp_path):
+    """(an object whose unpickling runs a command, the file that command would create)."""
+    marker = tmp_path / 'command_ran'
+    return RunsACommand(marker), marker

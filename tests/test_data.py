@@ -521,21 +521,11 @@ def test_cifar_archive_loads_its_five_batches_in_order(tmp_path, as_tar):
     assert labels.tolist() == sum((b['labels'] for b in batches), [])
 
 
-class RunsACommand:
-    """Pickles to os.system(...): what a tampered archive would hold."""
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-        return os.system, (f'touch {self.marker}',)
-
-
-def test_cifar_batch_that_runs_a_command_is_refused(tmp_path):
+def test_cifar_batch_that_runs_a_command_is_refused(tmp_path, hostile):
     """A batch naming anything but numpy's array rebuilders is a clear error; nothing runs."""
-    marker = tmp_path / 'ran'
+    exploit, marker = hostile
     batches = [cifar_batch(k) for k in range(5)]
-    batches[2]['labels'] = RunsACommand(marker)
+    batches[2]['labels'] = exploit
     path = write_cifar(tmp_path, batches)
     with pytest.raises(ValueError, match='not a CIFAR-10 python archive'):
         memdiff.load_dataset(path)

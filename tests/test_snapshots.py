@@ -9,7 +9,6 @@ _modules, _init_args, _init_kwargs), exactly the layout EDM writes.
 
 import json
 import math
-import os
 import pickle
 import sys
 import types
@@ -263,16 +262,11 @@ def test_study_snapshot_keeps_its_precond_settings(kind, precond_kwargs, expecte
         assert_same_denoiser(loaded, reference, 2, 0)
 
 
-def test_pickle_that_runs_a_command_is_refused(tmp_path):
+def test_pickle_that_runs_a_command_is_refused(tmp_path, hostile):
     """A pickle naming os.system is refused with a clear ValueError and the command never runs."""
-    marker = tmp_path / 'command_ran'
-
-    class Exploit:
-        def __reduce__(self):
-            return os.system, (f'touch {marker}',)
-
+    exploit, marker = hostile
     path = tmp_path / 'network-snapshot-evil.pkl'
-    path.write_bytes(pickle.dumps(dict(ema=Exploit())))
+    path.write_bytes(pickle.dumps(dict(ema=exploit)))
     with pytest.raises(ValueError, match=r'refuses to load (posix|nt|os)\.system'):
         memdiff.load_network(path)
     assert not marker.exists()
@@ -294,15 +288,10 @@ def test_module_src_is_never_executed(persistence, tmp_path, monkeypatch):
     assert marker.exists()
 
 
-def test_nested_storage_bytes_are_read_as_weights_only(tmp_path):
+def test_nested_storage_bytes_are_read_as_weights_only(tmp_path, hostile):
     """A storage whose nested bytes hold a pickled command is refused (torch.load weights_only)."""
-    marker = tmp_path / 'command_ran'
-
-    class Exploit:
-        def __reduce__(self):
-            return os.system, (f'touch {marker}',)
-
-    inner = pickle.dumps(Exploit())
+    exploit, marker = hostile
+    inner = pickle.dumps(exploit)
 
     class Storage:                                             # pickles like a torch storage
         def __reduce__(self):
@@ -373,16 +362,11 @@ def test_memdiff_network_file_round_trips(seed, kind, arch, tmp_path_factory):
     assert_same_denoiser(loaded, reference, seed, 2)
 
 
-def test_memdiff_network_file_is_read_weights_only(tmp_path):
+def test_memdiff_network_file_is_read_weights_only(tmp_path, hostile):
     """A torch file that would run a command when unpickled is refused and the command never runs."""
-    marker = tmp_path / 'command_ran'
-
-    class Exploit:
-        def __reduce__(self):
-            return os.system, (f'touch {marker}',)
-
+    exploit, marker = hostile
     path = tmp_path / 'network.pt'
-    torch.save(dict(format='memdiff-network', payload=Exploit()), path)
+    torch.save(dict(format='memdiff-network', payload=exploit), path)
     with pytest.raises(ValueError, match='network.pt'):
         memdiff.load_network(path)
     assert not marker.exists()

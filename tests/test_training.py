@@ -466,21 +466,12 @@ def test_snapshot_images_in_whole_ticks_follow_edm_ticks(n, batch, ticks):
     assert cfg.snapshot_steps(n) == (edm_tick_snapshots(total, batch, snapshot_ticks=ticks) or [total])
 
 
-class RunsACommand:
-    """Pickles to os.system(...): a checkpoint file someone tampered with."""
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-        return os.system, (f'touch {self.marker}',)
-
-
-def test_a_tampered_checkpoint_is_read_weights_only_and_runs_nothing(tmp_path):
+def test_a_tampered_checkpoint_is_read_weights_only_and_runs_nothing(tmp_path, hostile):
     """train() reads its checkpoint with weights_only=True: a pickled command is refused, never run."""
     import pickle
-    marker, path = tmp_path / 'ran', tmp_path / 'state.pt'
-    torch.save(dict(net=RunsACommand(marker)), path)
+    exploit, marker = hostile
+    path = tmp_path / 'state.pt'
+    torch.save(dict(net=exploit), path)
     cfg = memdiff.TrainConfig(steps=2, batch=4, snapshots=1)
     with pytest.raises(pickle.UnpicklingError):
         list(memdiff.train(tiny_network(), tiny_images(4), None, cfg, seed=0, checkpoint=str(path)))
