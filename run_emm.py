@@ -6,6 +6,7 @@ folder, the PNG grids and plots, sweeps, and the torchrun process group.
 """
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import io
@@ -826,11 +827,11 @@ def export_training_set(cfg, sizes, path, sweep=None):
     if len(n) != 1:
         raise click.BadParameter('needs exactly one size, e.g. --sizes 1000', param_hint='--sizes')
     images, labels = dataset(cfg.data, cfg.resolution, cfg.classes)
-    y, c, _ = memdiff.training_set(images, labels, n[0], cfg)
-    if c is None and labels is not None:
-        # With --labels none the study's files still carry the true labels (train.py --cond=0
-        # ignores them).
-        c = labels[memdiff.balanced_subset(labels, n[0])]
+    # With --labels none the study's files still carry the true labels (train.py --cond=0
+    # ignores them).
+    true = cfg.labels == 'none' and labels is not None
+    y, c, _ = memdiff.training_set(images, labels, n[0],
+                                   dataclasses.replace(cfg, labels='true') if true else cfg)
     pixels = memdiff.to_uint8(y).permute(0, 2, 3, 1).numpy()          # [n, H, W, C] uint8
     if pixels.shape[-1] not in (1, 3):
         raise click.BadParameter(f'the study writes RGB or grayscale images, not {pixels.shape[-1]} '
