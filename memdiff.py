@@ -125,6 +125,9 @@ def _load_npz(path):
             files = z.files
     except (OSError, zipfile.BadZipFile, EOFError, ValueError) as e:
         _fail(path, f'not a valid .npz file ({e})')
+    for k, v in arrays.items():                             # numpy hands back a non-.npy member's bytes
+        if not isinstance(v, np.ndarray):
+            _fail(path, f'not a valid .npz file ({k}.npy is not a .npy array)')
     if 'images' not in arrays:
         _fail(path, f"no 'images' array in the npz (found: {', '.join(files) or 'nothing'})")
     images, labels = arrays['images'], arrays.get('labels')

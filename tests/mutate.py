@@ -10,10 +10,13 @@ function defaults included, so a changed paper constant is a mutant), a boolean 
 and / or, `not` dropped), a unary minus dropped, or two adjacent positional arguments swapped. Mutants
 inside error messages (f-strings) and docstrings are not made.
 
-Each mutant runs the non-slow tests of its section (SECTION_TESTS) with -x. The runner imports torch,
-pytest and hypothesis once; each mutant runs in a forked child that compiles the mutated tree into a
-fresh `memdiff` module and then imports the test files, so nothing built from the original module
-leaks in. A child that runs longer than the timeout is killed and counted apart. Hypothesis runs the
+Each mutant runs the non-slow tests of its section (SECTION_TESTS) with -x: those of them that run
+the mutated statement, as a traced run of the unmutated tests records (lines run while a test file is
+collected or its fixtures set up count for all of its tests), or all of them when no traced test runs
+it (a line run at import, such as a default or a constant, or only in a spawned process). The runner
+imports torch, pytest and hypothesis once; each mutant runs in a forked child that compiles the
+mutated tree into a fresh `memdiff` module (and writes it where processes a test spawns import it)
+and then imports the test files, so nothing built from the original module leaks in. A child that runs longer than the timeout is killed and counted apart. Hypothesis runs the
 'ci' profile's examples (derandomized) without shrinking: the same mutant gives the same verdict
 on every run.
 
@@ -25,6 +28,7 @@ their description matches (section, function and the change), and leave the scor
 import argparse
 import ast
 import copy
+import hashlib
 import os
 import random
 import re
@@ -33,6 +37,8 @@ import sys
 import time
 import types
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / 'memdiff.py'
@@ -47,8 +53,8 @@ SECTION_TESTS = {
     5: ['test_sampler.py'],
     6: ['test_optimum.py'],
     7: ['test_metric.py'],
-    8: ['test_training.py'],
-    9: ['test_search.py', 'test_metric.py', 'test_measure.py'],
+    8: ['test_ranks.py', 'test_training.py'],      # test_ranks first: seconds, and it alone runs DDP
+    9: ['test_ranks.py', 'test_search.py', 'test_metric.py', 'test_measure.py'],
 }
 
 COMPARE = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
@@ -79,10 +85,13 @@ def sections(lines):
 
 
 def parents(tree):
-    """node -> (enclosing function or class name); skipped nodes (docstrings, f-strings) marked."""
-    owner, skip = {}, set()
+    """(node -> enclosing function or class name, node -> (first, last) line of its innermost
+    statement, ids of skipped nodes: docstrings, f-strings)."""
+    owner, span, skip = {}, {}, set()
 
-    def visit(node, name):
+    def visit(node, name, stmt):
+        if isinstance(node, ast.stmt):
+            stmt = (node.lineno, node.end_lineno)
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             name = node.name if name is None or isinstance(node, ast.ClassDef) else \
                 f'{name}.{node.name}'
@@ -92,11 +101,11 @@ def parents(tree):
         if isinstance(node, (ast.JoinedStr, ast.Raise)) or id(node) in skip:
             for sub in ast.walk(node):
                 skip.add(id(sub))
-        owner[id(node)] = name
+        owner[id(node)], span[id(node)] = name, stmt
         for child in ast.iter_child_nodes(node):
-            visit(child, name)
-    visit(tree, None)
-    return owner, skip
+            visit(child, name, stmt)
+    visit(tree, None, None)
+    return owner, span, skip
 
 
 def candidates(node):
@@ -162,7 +171,7 @@ def enumerate_mutants(source):
     tree = ast.parse(source)
     lines = source.splitlines()
     spans = sections(lines)
-    owner, skip = parents(tree)
+    owner, span, skip = parents(tree)
     mutants = []
     for k, node in enumerate(ast.walk(tree)):
         node._mutant_id = k
@@ -173,7 +182,7 @@ def enumerate_mutants(source):
             continue
         changes = [(d, None) for d in [unary(node)] if d] + candidates(node)
         for change, apply in changes:
-            mutants.append(dict(node=k, section=section, line=node.lineno,
+            mutants.append(dict(node=k, section=section, line=node.lineno, span=span[id(node)],
                                 function=owner[id(node)] or '<module>', change=change,
                                 apply=apply, text=lines[node.lineno - 1].strip()))
     mutants.sort(key=lambda m: (m['line'], m['node'], m['change']))
@@ -183,7 +192,7 @@ def enumerate_mutants(source):
 
 
 def mutated_code(tree, mutant):
-    """The compiled module with one mutation applied (line numbers kept)."""
+    """(the compiled module with one mutation applied, line numbers kept; its source text)."""
     tree = copy.deepcopy(tree)
     if mutant['apply'] is None:
         tree = Drop(mutant['node']).visit(tree)
@@ -191,7 +200,7 @@ def mutated_code(tree, mutant):
         node = next(n for n in ast.walk(tree) if getattr(n, '_mutant_id', None) == mutant['node'])
         mutant['apply'](node)
     ast.fix_missing_locations(tree)
-    return compile(tree, str(SOURCE), 'exec')
+    return compile(tree, str(SOURCE), 'exec'), ast.unparse(tree)
 
 
 def key(m):
@@ -207,9 +216,78 @@ def equivalents():
     return set(re.findall(r'^\| `([^`]+)` \|', text, flags=re.M))
 
 
-def run_child(code, files):
-    """In a forked child: install the mutated memdiff, run the tests, exit with pytest's code."""
-    import pytest
+class LineMap:
+    """A pytest plugin: the lines of memdiff.py that each test runs.
+
+    Lines run while a test file is collected, or while a test's fixtures are set up (a module's
+    fixture is set up once), count for every test of that file: its tests share what they build.
+    """
+    def __init__(self):
+        self.tests, self.shared, self.files, self.seconds, self.current = {}, {}, {}, {}, None
+
+    def trace(self, frame, event, arg):
+        if frame.f_code.co_filename != str(SOURCE):
+            return None                                 # no line events outside memdiff.py
+        self.current.add(frame.f_lineno)
+        return self.trace
+
+    def _traced(self, lines):
+        self.current = lines
+        sys.settrace(self.trace)
+
+    def _untraced(self):
+        sys.settrace(None)
+        self.current = None
+
+    def _wrap(self, lines):
+        self._traced(lines)
+        yield
+        self._untraced()
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_make_collect_report(self, collector):
+        yield from self._wrap(self.shared.setdefault(str(getattr(collector, 'path', '')), set()))
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_setup(self, item):
+        yield from self._wrap(self.shared.setdefault(str(item.path), set()))
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_call(self, item):
+        self.files[item.nodeid] = f"{item.path}::{item.nodeid.split('::', 1)[1]}"
+        t0 = time.perf_counter()
+        yield from self._wrap(self.tests.setdefault(item.nodeid, set()))
+        self.seconds[item.nodeid] = time.perf_counter() - t0
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_teardown(self, item):
+        yield from self._wrap(self.tests.setdefault(item.nodeid, set()))
+
+    def lines(self):
+        """[(pytest address of a test, sorted lines it runs, its file's shared lines included,
+        seconds of its call)]."""
+        return [(self.files[t], sorted(lines | self.shared.get(self.files[t].split('::')[0], set())),
+                 self.seconds.get(t, 0.0)) for t, lines in self.tests.items() if t in self.files]
+
+
+def run_child(code, tests, trace=None):
+    """In a forked child: install the mutated memdiff, run the tests, exit with pytest's code.
+
+    code is (compiled module, source) or None. The source is also written to a folder put first on
+    sys.path and PYTHONPATH, so processes a test spawns (a gloo process group) import the mutant too.
+    tests are pytest addresses (files or single tests). With trace (a path), the unmutated run
+    writes there, as JSON, the lines of memdiff.py each test runs.
+    """
+    import json
+    import tempfile
+    if code is not None:
+        code, text = code
+        folder = tempfile.mkdtemp(prefix='mutant-')
+        Path(folder, 'memdiff.py').write_text(text)
+        Path(folder, 'data').symlink_to(ROOT / 'data')  # the bundled digits, found by __file__
+        sys.path.insert(0, folder)
+        os.environ['PYTHONPATH'] = os.pathsep.join(filter(None, [folder,
+                                                                 os.environ.get('PYTHONPATH')]))
     module = types.ModuleType('memdiff')
     module.__file__ = str(SOURCE)
     sys.modules['memdiff'] = module
@@ -220,16 +298,22 @@ def run_child(code, files):
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)
+    plugins = [LineMap()] if trace else []
     rc = pytest.main(['-x', '-q', '-p', 'no:cacheprovider', '-m', 'not slow', '--rootdir',
-                      str(ROOT), *[str(ROOT / 'tests' / f) for f in files]])
+                      str(ROOT), *tests], plugins=plugins)
+    if trace:
+        Path(trace).write_text(json.dumps(plugins[0].lines()))
+    if code is not None:
+        import shutil
+        shutil.rmtree(folder, ignore_errors=True)
     os._exit(int(rc))
 
 
-def start(code, files):
+def start(code, tests, trace=None):
     pid = os.fork()
     if pid == 0:
         try:
-            run_child(code, files)
+            run_child(code, tests, trace)
         finally:
             os._exit(3)
     return pid
@@ -269,7 +353,6 @@ def main():
     # Heavy imports once, in the parent; every child shares them copy-on-write.
     import torch
     import numpy                                        # noqa: F401
-    import pytest                                       # noqa: F401
     import hypothesis
     torch.set_num_threads(1)
     # The 'ci' profile without shrinking: a failing example kills the mutant, its minimal form
@@ -278,17 +361,44 @@ def main():
         'mutate', max_examples=25, deadline=None, derandomize=True, database=None,
         phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate])
 
-    # The unmutated suite must pass, and its time per section sets the timeouts.
-    budget = {}
-    for s in sorted({m['section'] for m in chosen}):
-        t0 = time.time()
-        pid = start(None, SECTION_TESTS[s])
-        _, status = os.waitpid(pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            sys.exit(f'the unmutated tests of section {s} fail: fix them first')
-        budget[s] = 3 * (time.time() - t0) + 20
-        print(f'section {s}: {", ".join(SECTION_TESTS[s])} pass unmutated in '
-              f'{time.time() - t0:.1f} s; timeout {budget[s]:.0f} s', flush=True)
+    # The unmutated suite must pass; its time per section sets the timeouts, and its traced run
+    # records which tests run which lines. A mutant then runs only the tests that run its statement
+    # (a test that never runs it cannot see it), or its section's files whole when no traced test
+    # does: a line run at import (a default, a constant) or only in a spawned process.
+    import json
+    import tempfile
+    files = {s: [str(ROOT / 'tests' / f) for f in SECTION_TESTS[s]] for s in SECTION_TESTS}
+    # Each test file is traced once, and its trace kept in .mutate/ until memdiff.py, the file or
+    # conftest.py changes: a rerun of survivors (--only) starts at once.
+    seconds, traced = {}, {}
+    for f in dict.fromkeys(f for s in sorted({m['section'] for m in chosen}) for f in files[s]):
+        digest = hashlib.sha256(b''.join(Path(p).read_bytes() for p in
+                                         (SOURCE, f, ROOT / 'tests' / 'conftest.py'))).hexdigest()
+        cache = ROOT / '.mutate' / f'{Path(f).stem}-{digest[:16]}.json'
+        if not cache.is_file():
+            t0 = time.time()
+            cache.parent.mkdir(exist_ok=True)
+            with tempfile.NamedTemporaryFile(suffix='.json') as trace:
+                pid = start(None, [f], trace.name)
+                _, status = os.waitpid(pid, 0)
+                if os.waitstatus_to_exitcode(status) != 0:
+                    sys.exit(f'the unmutated tests of {Path(f).name} fail: fix them first')
+                entries = json.load(open(trace.name))
+            cache.write_text(json.dumps(dict(seconds=time.time() - t0, tests=entries)))
+        record = json.loads(cache.read_text())
+        traced[f] = [(test, set(lines), t) for test, lines, t in record['tests']]
+        seconds[f] = record['seconds']
+        print(f'{Path(f).name} passes unmutated in {seconds[f]:.1f} s (traced)', flush=True)
+    budget = {s: 3 * sum(seconds.get(f, 0) for f in files[s]) + 20 for s in files}
+    covering = {s: [entry for f in files[s] for entry in traced.get(f, [])] for s in files}
+
+    def tests_of(m):
+        """The tests that run m's statement, quickest first (a mutant is killed by its first
+        failure: a slow test comes last), or the section's files whole."""
+        first, last = m['span']
+        tests = [(t, seconds) for t, lines, seconds in covering[m['section']]
+                 if any(n in lines for n in range(first, last + 1))]
+        return [t for t, _ in sorted(tests, key=lambda e: e[1])] or files[m['section']]
 
     known_equivalent = equivalents()
     verdicts, running, queue = [], {}, list(chosen)
@@ -301,7 +411,8 @@ def main():
                 code = mutated_code(tree, m)
             except (SyntaxError, ValueError, TypeError):
                 continue                                # not a valid program: not a mutant
-            running[start(code, SECTION_TESTS[m['section']])] = (m, time.time())
+            m['tests'] = tests_of(m)
+            running[start(code, m['tests'])] = (m, time.time())
         time.sleep(0.05)
         for pid, (m, t0) in list(running.items()):
             done, status = os.waitpid(pid, os.WNOHANG)
@@ -326,7 +437,8 @@ def main():
             if verdict == 'survived':
                 print(f"SURVIVED #{m['index']} §{m['section']} L{m['line']} {key(m)}", flush=True)
             print(f"[{len(verdicts)}/{len(chosen)}] {verdict:10s} #{m['index']} "
-                  f"({m['seconds']:.1f} s)", file=sys.stderr, flush=True)
+                  f"({m['seconds']:.1f} s, {len(m['tests'])} test(s) or file(s))", file=sys.stderr,
+                  flush=True)
 
     count = {v: sum(m['verdict'] == v for m in verdicts)
              for v in ('killed', 'timeout', 'survived', 'equivalent')}

@@ -291,6 +291,8 @@ MALFORMED = {
                          dict(classes=3)),
     'npz_without_images': ('pixels.npz', dict(labels=np.arange(4)), {}),
     'npz_not_a_zip': ('broken.npz', 'text', {}),
+    'npz_member_not_npy': ('junk.npz', b'not an array', {}),    # zips numpy cannot read as .npz
+    'npz_member_bad_header': ('torn.npz', b'\x93NUMPY\x01\x00torn header', {}),
     'png_zip_not_a_zip': ('set.zip', 'text', {}),
 }
 
@@ -302,6 +304,9 @@ def test_malformed_input_raises_value_error_naming_the_file(tmp_path, case):
     path = tmp_path / name
     if content == 'text':
         path.write_text('not images\n')
+    elif isinstance(content, bytes):                            # a zip whose images.npy is that
+        with zipfile.ZipFile(path, 'w') as z:
+            z.writestr('images.npy', content)
     elif content is not None:
         np.savez(path, **content)
     with pytest.raises(ValueError, match=re.escape(name)) as error:

@@ -87,7 +87,6 @@ def test_non_finite_samples_stop_the_size_naming_the_step(monkeypatch):
         memdiff.measure(*DIGITS, 16, cfg)
 
 
-@pytest.mark.slow
 def test_measure_trained_keeps_the_best_snapshot():
     """A trained measurement has one entry per snapshot step; its ratio is the best of them."""
     point, samples, y = measure_with_samples(16, TINY_MEASURE)
@@ -109,7 +108,6 @@ class Interrupt:
             raise KeyboardInterrupt
 
 
-@pytest.mark.slow
 def test_measure_is_reproducible_whatever_the_global_rng():
     """The same configuration gives the same point and samples, whatever torch's global RNG holds."""
     torch.manual_seed(1)
@@ -126,7 +124,6 @@ def measure_in(work, **kwargs):
     return run_emm.measure_size(TINY_MEASURE, DIGITS, 16, work, **kwargs)
 
 
-@pytest.mark.slow
 def test_measure_resumed_after_interrupt_in_training_equals_uninterrupted(tmp_path):
     """Interrupted between snapshots and rerun with the same ledger, the size gives the point and
     samples of an uninterrupted run."""
@@ -139,7 +136,6 @@ def test_measure_resumed_after_interrupt_in_training_equals_uninterrupted(tmp_pa
     assert torch.equal(x_resumed, x_clean)
 
 
-@pytest.mark.slow
 def test_measure_resumed_after_interrupt_in_sampling_keeps_every_snapshot(tmp_path):
     """Interrupted while sampling the last snapshot and rerun, every snapshot is scored once."""
     (tmp_path / 'a').mkdir(), (tmp_path / 'b').mkdir()

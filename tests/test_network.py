@@ -617,6 +617,30 @@ def defaults(fn):
             if p.default is not inspect.Parameter.empty}
 
 
+# EDM's SongUNet initialises every layer xavier-uniform times a gain, biases at zero: `init_zero`
+# (1e-5) for each block's second conv, the attention projection and the output conv, so every block
+# starts near the identity; `init_attn` (sqrt 0.2) for q, k, v; 1 for the rest.
+EDM_GAINS = {'conv1': 1e-5, 'proj': 1e-5, 'out_conv': 1e-5, 'qkv': math.sqrt(0.2)}
+
+
+@pytest.mark.parametrize('arch', ['ddpmpp', 'ncsnpp'])
+def test_initial_weights_follow_edms_xavier_gains_and_zero_biases(arch):
+    """Every conv and linear layer's initial weights lie within gain * sqrt(6 / (fan_in + fan_out))
+    and reach at least half of it (the uniform's edge), with EDM's gain per layer; biases are 0."""
+    torch.manual_seed(0)
+    precond = memdiff.build_network(memdiff.EMMConfig(arch=arch), (1, 8, 8), 3)
+    layers = [(name, m) for name, m in precond.named_modules()
+              if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert {name.split('.')[-1] for name, _ in layers} >= set(EDM_GAINS)
+    for name, m in layers:
+        w = m.weight
+        receptive = w[0, 0].numel()
+        bound = EDM_GAINS.get(name.split('.')[-1], 1.0) * math.sqrt(
+            6 / ((w.shape[0] + w.shape[1]) * receptive))
+        assert 0.5 * bound < w.abs().max().item() <= bound * (1 + 1e-6), name
+        assert not m.bias.any(), name
+
+
 def test_network_precond_and_loss_defaults_are_the_papers():
     """SPEC 9 / 4.3 / 4.4: UNet's DDPM++ defaults, EDM/VP constants, P_mean, P_std, the VE range."""
     assert defaults(memdiff.UNet) == dict(

@@ -268,7 +268,6 @@ def test_a_non_finite_loss_stops_training_with_the_step(monkeypatch):
         list(memdiff.train(tiny_network(), tiny_images(4), None, cfg, seed=0))
 
 
-@pytest.mark.slow
 def test_fused_adam_follows_the_plain_adam_trajectory(monkeypatch):
     """The fused optimizer memdiff uses gives plain Adam's weights to float32 rounding."""
     y, net = tiny_images(), tiny_network()
@@ -282,7 +281,6 @@ def test_fused_adam_follows_the_plain_adam_trajectory(monkeypatch):
         assert max_difference(a, b) < 1e-5
 
 
-@pytest.mark.slow
 def test_train_yields_ema_at_every_snapshot_step():
     """train() yields (step, EMA network) exactly at the configured snapshot steps."""
     y = tiny_images()
@@ -290,7 +288,6 @@ def test_train_yields_ema_at_every_snapshot_step():
     assert [s for s, _ in snaps] == TINY_TRAIN.snapshot_steps(len(y))
 
 
-@pytest.mark.slow
 def test_train_same_seed_gives_identical_ema():
     """Two runs from the same initial network and seed end with bit-identical EMA weights."""
     y, net = tiny_images(), tiny_network()
@@ -319,14 +316,12 @@ def check_resume_is_exact(tmp_path, dropout):
     assert diffs == [0.0] * len(whole), f'max |EMA difference| per snapshot: {diffs}'
 
 
-@pytest.mark.slow
 def test_train_resume_after_interrupt_is_exact(tmp_path):
     """Stopping during a snapshot and resuming from the checkpoint gives the EMA weights of an
     uninterrupted run, bit for bit."""
     check_resume_is_exact(tmp_path, dropout=0.0)
 
 
-@pytest.mark.slow
 def test_train_resume_after_interrupt_is_exact_with_dropout(tmp_path):
     """With dropout (the paper preset uses 0.13) resuming is exact too."""
     check_resume_is_exact(tmp_path, dropout=0.5)
