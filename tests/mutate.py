@@ -54,7 +54,7 @@ SECTION_TESTS = {
     6: ['test_optimum.py'],
     7: ['test_metric.py'],
     8: ['test_ranks.py', 'test_training.py'],      # test_ranks first: seconds, and it alone runs DDP
-    9: ['test_ranks.py', 'test_search.py', 'test_metric.py', 'test_measure.py'],
+    9: ['test_ranks.py', 'test_search.py', 'test_tau.py', 'test_metric.py', 'test_measure.py'],
 }
 
 COMPARE = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,

@@ -290,6 +290,7 @@ MALFORMED = {
     'too_many_classes': ('cls.npz', dict(images=_good_images(), labels=np.array([0, 1, 0, 1])),
                          dict(classes=3)),
     'npz_without_images': ('pixels.npz', dict(labels=np.arange(4)), {}),
+    'float_out_of_range': ('range.npz', dict(images=np.full((4, 1, 2, 2), 2.0, np.float32)), {}),
     'npz_not_a_zip': ('broken.npz', 'text', {}),
     'npz_member_not_npy': ('junk.npz', b'not an array', {}),    # zips numpy cannot read as .npz
     'npz_member_bad_header': ('torn.npz', b'\x93NUMPY\x01\x00torn header', {}),
@@ -312,6 +313,27 @@ def test_malformed_input_raises_value_error_naming_the_file(tmp_path, case):
     with pytest.raises(ValueError, match=re.escape(name)) as error:
         memdiff.load_dataset(str(path), **kwargs)
     assert str(error.value).startswith(str(path) + ': ')       # 'file: problem', the file first
+
+
+def test_npz_holding_a_pickle_is_refused_without_running_it(tmp_path, hostile):
+    """An npz whose images are an object array (a pickle) is refused with one line naming the file,
+    and the pickle never runs: arrays are read with allow_pickle=False."""
+    payload, marker = hostile
+    path = tmp_path / 'pickled.npz'
+    np.savez(path, images=np.array([payload], dtype=object))
+    with pytest.raises(ValueError) as error:
+        memdiff.load_dataset(str(path))
+    assert str(error.value).startswith(f'{path}: ')
+    assert not marker.exists()
+
+
+def test_to_uint8_is_edms_formula_and_saturates_outside_the_range():
+    """x*127.5 + 128 clipped to [0, 255] and truncated, as EDM writes PNGs: values beyond [-1, 1]
+    (a sampler's overshoot) saturate at 0 and 255 instead of wrapping around."""
+    x = torch.cat([torch.linspace(-3, 3, 6001), torch.arange(256) / 127.5 - 1])
+    expected = np.clip(x.double().numpy() * 127.5 + 128, 0, 255).astype(np.uint8)
+    assert np.array_equal(memdiff.to_uint8(x).numpy(), expected)
+    assert (memdiff.to_uint8(x[x > 1]) == 255).all() and (memdiff.to_uint8(x[x < -1]) == 0).all()
 
 
 def test_unknown_data_set_name_raises_value_error_naming_it():

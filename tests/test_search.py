@@ -186,6 +186,29 @@ def test_find_emm_tolerance_stops_early_with_a_valid_bracket(s, tolerance):
     assert fail - emm <= s.step or fail - emm <= tolerance * emm
 
 
+@given(searches(STEPS), st.sampled_from([0.0, 0.1, 0.35]))
+def test_find_emm_doubles_from_lo_then_bisects_only_a_bracket_wider_than_its_tolerance(s, tolerance):
+    """The search asks lo, 2 lo, 4 lo, ... (capped at hi) until a size fails; after that each size
+    it asks bisects a bracket wider than one step and than tolerance * its passing end."""
+    result, calls = run_search(s, tolerance)
+    lo, hi = math.ceil(s.lo / s.step) * s.step, s.hi // s.step * s.step
+    passing, failing, n = None, None, lo
+    for k, (size, ratio) in enumerate(result['evaluated']):
+        if failing is None and (passing is None or passing < hi):        # the doubling phase
+            assert size == n
+            n = min(2 * n, hi)
+        else:
+            assert passing < size < failing
+            assert failing - passing > s.step and failing - passing > tolerance * passing
+        if ratio >= s.curve.threshold:
+            passing = size
+        else:
+            failing = size
+    if passing is not None and failing is not None:                    # stopped: narrow enough
+        assert failing - passing <= s.step or failing - passing <= tolerance * passing or \
+            (passing + failing) // 2 // s.step * s.step <= passing
+
+
 INVALID_RANGES = st.one_of(
     st.tuples(st.integers(2, 100), st.integers(1, 100)).filter(lambda t: t[0] > t[1])
     .map(lambda t: (t[0], t[1], 1)),                                            # lo > hi

@@ -66,6 +66,15 @@ def test_tau_mem_passing_at_the_first_snapshot_is_that_step_bracketed_from_zero(
     assert memdiff.tau_mem(snaps, 0.9) == (float(step), [0, step])
 
 
+@given(st.integers(1, 10_000), st.floats(0.9, 1.0), st.floats(0.0, 0.89))
+def test_tau_mem_after_a_snapshot_at_step_zero_is_the_next_step_bracketed_from_zero(step, ratio, r0):
+    """A snapshot at step 0 (the initial network, as a score of step 0 records it) below the
+    threshold, then one that passes: no log-step to interpolate from, so tau is that step, an upper
+    bound bracketed by [0, step]."""
+    snaps = [dict(step=0, ratio=r0), dict(step=step, ratio=ratio), dict(step=2 * step, ratio=1.0)]
+    assert memdiff.tau_mem(snaps, 0.9) == (float(step), [0, step])
+
+
 @given(RATIO_LISTS, FIRST_STEPS, GROWTHS, THRESHOLDS, THRESHOLDS)
 def test_tau_mem_is_monotone_in_the_threshold(ratios, first, growth, t1, t2):
     """A higher threshold is reached no earlier, on any curve (monotone or not)."""
