@@ -1338,16 +1338,24 @@ def fit_power_law(sizes, taus):
     b, log_a = np.polyfit(x, y, 1)
     return float(math.exp(log_a)), float(b)
 
+def _onset(snapshots, threshold):
+    """tau_mem of one size's snapshots when a snapshot below the threshold brackets it, else None
+    (never reached, or already reached at the first snapshot: an upper bound, not an onset)."""
+    tau, bracket = tau_mem(snapshots, threshold)
+    return tau if tau is not None and bracket[0] > 0 else None
+
 def tau_law(points, samples, threshold=0.9, replicates=1000, generator=None):
-    """tau_mem = a |D|^b over the sizes with tau_mem > 0 -> dict(exponent, ci, prefactor, sizes), or None.
+    """tau_mem = a |D|^b over the sizes with a bracketed tau_mem -> dict(exponent, ci, prefactor,
+    sizes), or None.
 
     The exponent b is fitted by least squares in log-log; its 95% interval comes from a parametric
     bootstrap of the snapshots' binomial noise: every snapshot's ratio is redrawn as
     Binomial(samples, ratio) / samples, tau_mem is recomputed per size and the law refitted; the
     interval is the 2.5% and 97.5% quantiles of the refitted b over the replicates that keep two
-    sizes with a tau_mem. Needs two distinct sizes with tau_mem > 0.
+    sizes with a bracketed tau_mem. A size whose first snapshot already passes has only an upper
+    bound and is left out. Needs two distinct sizes with a bracketed tau_mem > 0.
     """
-    pts = [p for p in points if (p.get('tau_mem') or 0) > 0]
+    pts = [p for p in points if (p.get('tau_mem') or 0) > 0 and _onset(p['snapshots'], threshold)]
     if len({p['size'] for p in pts}) < 2:
         return None
     sizes = [p['size'] for p in pts]
@@ -1362,7 +1370,7 @@ def tau_law(points, samples, threshold=0.9, replicates=1000, generator=None):
         redrawn.append((steps, (k / samples).tolist()))
     bs = []
     for r in range(replicates):
-        fit = [(n, tau_mem([dict(step=s, ratio=q) for s, q in zip(steps, ratios[r])], threshold)[0])
+        fit = [(n, _onset([dict(step=s, ratio=q) for s, q in zip(steps, ratios[r])], threshold))
                for n, (steps, ratios) in zip(sizes, redrawn)]
         fit = [(n, t) for n, t in fit if t]
         if len({n for n, _ in fit}) >= 2:

@@ -871,7 +871,7 @@ def print_table(record, threshold):
     law = record.get('tau')
     if law is None:
         if any(p.get('tau_mem') for p in record['points']):
-            click.echo('tau_mem law: needs two sizes that reach the threshold')
+            click.echo('tau_mem law: needs two sizes whose onset a snapshot below the threshold brackets')
         return
     ci = 'no interval' if law['ci'] is None else f"95% CI {law['ci'][0]:.2f}-{law['ci'][1]:.2f}"
     click.echo(f"tau_mem = {law['prefactor']:.3g} |D|^{law['exponent']:.2f} ({ci}, parametric "

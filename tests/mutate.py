@@ -16,9 +16,9 @@ collected or its fixtures set up count for all of its tests), or all of them whe
 it (a line run at import, such as a default or a constant, or only in a spawned process). The runner
 imports torch, pytest and hypothesis once; each mutant runs in a forked child that compiles the
 mutated tree into a fresh `memdiff` module (and writes it where processes a test spawns import it)
-and then imports the test files, so nothing built from the original module leaks in. A child that runs longer than the timeout is killed and counted apart. Hypothesis runs the
-'ci' profile's examples (derandomized) without shrinking: the same mutant gives the same verdict
-on every run.
+and then imports the test files, so nothing built from the original module leaks in. A child that
+runs longer than the timeout is killed and counted apart. Hypothesis runs the 'ci' profile's
+examples (derandomized) without shrinking: the same mutant gives the same verdict on every run.
 
 Output: one line per surviving mutant, then the score killed / (killed + survived), timeouts counted
 as killed and shown apart. Mutants listed in tests/MUTANTS.md as equivalent are reported as such when

@@ -140,6 +140,18 @@ def test_law_needs_two_sizes_with_tau_mem():
     assert memdiff.tau_law(points, samples=100) is None
 
 
+def test_law_leaves_out_sizes_whose_tau_mem_is_only_an_upper_bound():
+    """A size that already passes at its first snapshot has tau_mem = that step, bracket [0, step]:
+    an upper bound. The law is fitted on the bracketed sizes only, so it is the planted one."""
+    points = law_points([32, 64, 128], 40, 1.0)
+    early = [dict(step=1000, ratio=1.0), dict(step=2000, ratio=1.0)]      # passes at once
+    points.append(dict(size=16, snapshots=early, tau_mem=memdiff.tau_mem(early)[0]))
+    law = memdiff.tau_law(points, samples=10**9, replicates=10,
+                          generator=torch.Generator().manual_seed(0))
+    assert law['sizes'] == [32, 64, 128] and law['exponent'] == pytest.approx(1.0, rel=1e-6)
+    assert memdiff.tau_law(points[:1] + points[3:], samples=100) is None   # one bracketed size
+
+
 def test_law_is_reproducible_with_the_same_generator():
     """The same seed gives the same interval."""
     points = law_points([16, 32, 64], 40, 1.0)
