@@ -1355,7 +1355,7 @@ def tau_law(points, samples, threshold=0.9, replicates=1000, generator=None):
     sizes with a bracketed tau_mem. A size whose first snapshot already passes has only an upper
     bound and is left out. Needs two distinct sizes with a bracketed tau_mem > 0.
     """
-    pts = [p for p in points if (p.get('tau_mem') or 0) > 0 and _onset(p['snapshots'], threshold)]
+    pts = [p for p in points if _onset(p['snapshots'], threshold)]
     if len({p['size'] for p in pts}) < 2:
         return None
     sizes = [p['size'] for p in pts]

@@ -13,10 +13,11 @@ inside error messages (f-strings) and docstrings are not made.
 Each mutant runs the non-slow tests of its section (SECTION_TESTS) with -x: those of them that run
 the mutated statement, as a traced run of the unmutated tests records (lines run while a test file is
 collected or its fixtures set up count for all of its tests), or all of them when no traced test runs
-it (a line run at import, such as a default or a constant, or only in a spawned process). The runner
-imports torch, pytest and hypothesis once; each mutant runs in a forked child that compiles the
-mutated tree into a fresh `memdiff` module (and writes it where processes a test spawns import it)
-and then imports the test files, so nothing built from the original module leaks in. A child that
+it (a line run at import, such as a constant, or only in a spawned process) and for a function's
+defaults (which tests read through `inspect` too). The runner imports torch, pytest and hypothesis
+once; each mutant runs in a forked child that compiles the mutated tree into a fresh `memdiff`
+module (and writes it where processes a test spawns import it) and then imports the test files,
+so nothing built from the original module leaks in. A child that
 runs longer than the timeout is killed and counted apart. Hypothesis runs the 'ci' profile's
 examples (derandomized) without shrinking: the same mutant gives the same verdict on every run.
 
@@ -92,6 +93,8 @@ def parents(tree):
     def visit(node, name, stmt):
         if isinstance(node, ast.stmt):
             stmt = (node.lineno, node.end_lineno)
+        if isinstance(node, ast.arguments):             # a default: read by inspect as well as
+            stmt = None                                 # by calls, so every test of the section
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             name = node.name if name is None or isinstance(node, ast.ClassDef) else \
                 f'{name}.{node.name}'
@@ -395,6 +398,8 @@ def main():
     def tests_of(m):
         """The tests that run m's statement, quickest first (a mutant is killed by its first
         failure: a slow test comes last), or the section's files whole."""
+        if m['span'] is None:
+            return files[m['section']]
         first, last = m['span']
         tests = [(t, seconds) for t, lines, seconds in covering[m['section']]
                  if any(n in lines for n in range(first, last + 1))]

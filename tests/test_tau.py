@@ -3,6 +3,7 @@ sizes with its bootstrap interval, and agreement with the closed-form optimum.""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import assume, given
@@ -150,6 +151,37 @@ def test_law_leaves_out_sizes_whose_tau_mem_is_only_an_upper_bound():
                           generator=torch.Generator().manual_seed(0))
     assert law['sizes'] == [32, 64, 128] and law['exponent'] == pytest.approx(1.0, rel=1e-6)
     assert memdiff.tau_law(points[:1] + points[3:], samples=100) is None   # one bracketed size
+    # A snapshot at step 1 below the threshold brackets an onset as well as any other.
+    tight = [dict(step=1, ratio=0.0), dict(step=100, ratio=1.0)]
+    law = memdiff.tau_law(points[:1] + [dict(size=8, snapshots=tight, tau_mem=memdiff.tau_mem(tight)[0])],
+                          samples=100, replicates=10, generator=torch.Generator().manual_seed(0))
+    assert law['sizes'] == [32, 8]
+
+
+def test_law_interval_is_the_bootstrap_quantiles_and_two_sizes_suffice():
+    """With exactly two bracketed sizes the law is fitted, and its interval is the 2.5% and 97.5%
+    quantiles of the exponents refitted on the binomial redraws, redone here by hand."""
+    points = law_points([16, 64], 40, 1.0, steps=[30 * 2 ** k for k in range(10)])
+    for p in points:
+        for s in p['snapshots']:
+            s['ratio'] = round(s['ratio'] * 100) / 100
+        p['tau_mem'] = memdiff.tau_mem(p['snapshots'])[0]
+    R, samples = 200, 100
+    law = memdiff.tau_law(points, samples, replicates=R, generator=torch.Generator().manual_seed(5))
+    g, redrawn = torch.Generator().manual_seed(5), []
+    for p in points:
+        prob = torch.tensor([s['ratio'] for s in p['snapshots']], dtype=torch.float64)
+        redrawn.append(torch.binomial(torch.full((R, len(prob)), float(samples), dtype=torch.float64),
+                                      prob.expand(R, -1), generator=g) / samples)
+    exponents = []
+    for r in range(R):
+        taus = [memdiff.tau_mem([dict(step=s['step'], ratio=q)
+                                 for s, q in zip(p['snapshots'], ratios[r].tolist())])
+                for p, ratios in zip(points, redrawn)]
+        if all(t is not None and bracket[0] > 0 for t, bracket in taus):
+            exponents.append(memdiff.fit_power_law([16, 64], [t for t, _ in taus])[1])
+    assert law['replicates'] == len(exponents) > 0
+    assert law['ci'] == pytest.approx([np.quantile(exponents, 0.025), np.quantile(exponents, 0.975)])
 
 
 def test_law_is_reproducible_with_the_same_generator():
