@@ -1355,14 +1355,14 @@ def tau_law(points, samples, threshold=0.9, replicates=1000, generator=None):
     sizes with a bracketed tau_mem. A size whose first snapshot already passes has only an upper
     bound and is left out. Needs two distinct sizes with a bracketed tau_mem > 0.
     """
-    pts = [p for p in points if _onset(p['snapshots'], threshold)]
-    if len({p['size'] for p in pts}) < 2:
+    kept = [(p, tau) for p in points if (tau := _onset(p['snapshots'], threshold))]
+    sizes = [p['size'] for p, _ in kept]
+    if len(set(sizes)) < 2:
         return None
-    sizes = [p['size'] for p in pts]
-    a, b = fit_power_law(sizes, [p['tau_mem'] for p in pts])
+    a, b = fit_power_law(sizes, [tau for _, tau in kept])
     # Bootstrap: redraw every snapshot ratio of every size at once.
     redrawn = []
-    for p in pts:
+    for p, _ in kept:
         steps = [s['step'] for s in p['snapshots']]
         prob = torch.tensor([s['ratio'] for s in p['snapshots']], dtype=torch.float64)
         k = torch.binomial(torch.full((replicates, len(steps)), float(samples), dtype=torch.float64),

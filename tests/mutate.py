@@ -30,11 +30,14 @@ import argparse
 import ast
 import copy
 import hashlib
+import json
 import os
 import random
 import re
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -234,18 +237,11 @@ class LineMap:
         self.current.add(frame.f_lineno)
         return self.trace
 
-    def _traced(self, lines):
+    def _wrap(self, lines):
         self.current = lines
         sys.settrace(self.trace)
-
-    def _untraced(self):
-        sys.settrace(None)
-        self.current = None
-
-    def _wrap(self, lines):
-        self._traced(lines)
         yield
-        self._untraced()
+        sys.settrace(None)
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_make_collect_report(self, collector):
@@ -281,9 +277,10 @@ def run_child(code, tests, trace=None):
     tests are pytest addresses (files or single tests). With trace (a path), the unmutated run
     writes there, as JSON, the lines of memdiff.py each test runs.
     """
-    import json
-    import tempfile
-    if code is not None:
+    folder = None
+    if code is None:
+        code = compile(SOURCE.read_text(), str(SOURCE), 'exec')
+    else:
         code, text = code
         folder = tempfile.mkdtemp(prefix='mutant-')
         Path(folder, 'memdiff.py').write_text(text)
@@ -294,10 +291,7 @@ def run_child(code, tests, trace=None):
     module = types.ModuleType('memdiff')
     module.__file__ = str(SOURCE)
     sys.modules['memdiff'] = module
-    if code is not None:
-        exec(code, module.__dict__)
-    else:
-        exec(compile(SOURCE.read_text(), str(SOURCE), 'exec'), module.__dict__)
+    exec(code, module.__dict__)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)
@@ -306,8 +300,7 @@ def run_child(code, tests, trace=None):
                       str(ROOT), *tests], plugins=plugins)
     if trace:
         Path(trace).write_text(json.dumps(plugins[0].lines()))
-    if code is not None:
-        import shutil
+    if folder is not None:
         shutil.rmtree(folder, ignore_errors=True)
     os._exit(int(rc))
 
@@ -367,9 +360,8 @@ def main():
     # The unmutated suite must pass; its time per section sets the timeouts, and its traced run
     # records which tests run which lines. A mutant then runs only the tests that run its statement
     # (a test that never runs it cannot see it), or its section's files whole when no traced test
-    # does: a line run at import (a default, a constant) or only in a spawned process.
-    import json
-    import tempfile
+    # does (a constant, run at import, or a line run only in a spawned process), and for a
+    # function's defaults (which tests also read through inspect).
     files = {s: [str(ROOT / 'tests' / f) for f in SECTION_TESTS[s]] for s in SECTION_TESTS}
     # Each test file is traced once, and its trace kept in .mutate/ until memdiff.py, the file or
     # conftest.py changes: a rerun of survivors (--only) starts at once.

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 import memdiff
+from test_training import tiny_images, tiny_network
 
 
 def _free_port():
@@ -17,11 +18,6 @@ def _free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
-
-def _tiny_precond():
-    torch.manual_seed(0)
-    cfg = memdiff.EMMConfig(channels=8, channel_mult=(1,), attn=())
-    return memdiff.build_network(cfg, (1, 8, 8), 0)
 
 DDP_TRAIN = memdiff.TrainConfig(steps=4, batch=8, snapshots=2)
 
@@ -31,8 +27,8 @@ def _ddp_worker(rank, world, port, tmp):
     torch.distributed.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank,
                                          world_size=world)
     try:
-        y = memdiff.load_dataset('digits')[0][:12]
-        precond = _tiny_precond()
+        y = tiny_images(12)
+        precond = tiny_network()
         for step, ema in memdiff.train(precond, y, None, DDP_TRAIN, seed=3,
                                        checkpoint=str(Path(tmp) / 'state.pt')):
             pass
@@ -55,8 +51,8 @@ def test_two_ranks_average_gradients_keep_distinct_noise_and_gather_one_process_
     rng = torch.load(tmp_path / 'state.pt')['rng']
     assert len(rng) == 2 and not torch.equal(rng[0]['noise'], rng[1]['noise'])
     # The ranks' noise differs from one process's (rank 1 draws its own stream), so the weights do.
-    one = _tiny_precond()
-    y = memdiff.load_dataset('digits')[0][:12]
+    one = tiny_network()
+    y = tiny_images(12)
     *_, (_, ema) = memdiff.train(one, y, None, DDP_TRAIN, seed=3)
     assert any(not torch.equal(one.state_dict()[k], r0['net'][k]) for k in r0['net'])
     ema.load_state_dict(r0['ema'])
