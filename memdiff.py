@@ -1330,7 +1330,8 @@ def tau_mem(snapshots, threshold=0.9):
         return float(step), [pts[k - 1][0] if k else 0, step]
     s0, r0 = pts[k - 1]                                     # r0 < threshold <= ratio
     t = (threshold - r0) / (ratio - r0)
-    return math.exp(math.log(s0) + t * (math.log(step) - math.log(s0))), [s0, step]
+    tau = math.exp(math.log(s0) + t * (math.log(step) - math.log(s0)))
+    return min(max(tau, s0), step), [s0, step]              # exp(log) may round past a bracket end
 
 def fit_power_law(sizes, taus):
     """Least squares of log tau = log a + b log |D| -> (a, b); needs two distinct sizes."""

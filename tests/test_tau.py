@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 import memdiff
@@ -51,6 +51,9 @@ def test_tau_mem_by_hand():
     snaps = [dict(step=1000, ratio=1.0), dict(step=10, ratio=0.5), dict(step=1, ratio=0.0)]
     tau, bracket = memdiff.tau_mem(snaps, 0.9)
     assert bracket == [10, 1000] and tau == pytest.approx(10 ** 2.6)
+    # From step 1 (log 1 = 0) as from any step > 0: ratio 0.5 at 1, 1.0 at 100 -> 100^0.8.
+    tau, bracket = memdiff.tau_mem([dict(step=1, ratio=0.5), dict(step=100, ratio=1.0)], 0.9)
+    assert bracket == [1, 100] and tau == pytest.approx(100 ** 0.8)
 
 
 @given(st.lists(st.floats(0.0, 0.89), min_size=1, max_size=10))
@@ -77,6 +80,7 @@ def test_tau_mem_after_a_snapshot_at_step_zero_is_the_next_step_bracketed_from_z
 
 
 @given(RATIO_LISTS, FIRST_STEPS, GROWTHS, THRESHOLDS, THRESHOLDS)
+@example([0.0, 0.0, 1.0], 1, 3.0, 1.0, 1.0)            # reached exactly at step 11: exp(log) gave 11 + 2e-15
 def test_tau_mem_is_monotone_in_the_threshold(ratios, first, growth, t1, t2):
     """A higher threshold is reached no earlier, on any curve (monotone or not)."""
     steps = [round(first * growth ** k) + k for k in range(len(ratios))]  # strictly increasing
