@@ -274,9 +274,10 @@ class _Ask(Exception):
         super().__init__(n)
         self.n = n
 
-def search_frontier(known, lo, hi, threshold=0.9, step=1, tolerance=0.0, limit=64):
-    """The first `limit` sizes find_emm may still ask for, given the ratios known {n: ratio}, likeliest
-    first: breadth-first over both outcomes of every size not yet known (a passing guess first)."""
+def search_frontier(known, lo, hi, threshold=0.9, step=1, tolerance=0.0, limit=64, passes=None):
+    """The first `limit` sizes find_emm may still ask for, given the ratios known {n: ratio},
+    likeliest first: breadth-first over both outcomes of every size not yet known, the outcome
+    passes(n) -> bool predicts first (passing when passes is None)."""
     out, queue = [], [{}]
     while queue and len(out) < limit:
         guess = queue.pop(0)
@@ -291,8 +292,19 @@ def search_frontier(known, lo, hi, threshold=0.9, step=1, tolerance=0.0, limit=6
             if ask.n not in out:
                 out.append(ask.n)
             # Passing is threshold itself, failing below it: both are outcomes find_emm can meet.
-            queue += [{**guess, ask.n: threshold}, {**guess, ask.n: threshold - 1}]
+            outcomes = [{**guess, ask.n: threshold}, {**guess, ask.n: threshold - 1}]
+            queue += outcomes if passes is None or passes(ask.n) else outcomes[::-1]
     return out
+
+def onset_prediction(points, threshold, total_steps):
+    """passes(n) -> bool from the onset law tau_mem = a n^b fitted to the points measured so far: a
+    size passes when its predicted onset comes within its training, a n^b <= total_steps(n) (the
+    default EMM is where the two meet: README, Memorization over training time). None until two
+    sizes have a bracketed onset."""
+    law = memdiff.tau_law(points, 1, threshold, replicates=0)  # the fit alone, no bootstrap
+    if law is None:
+        return None
+    return lambda n: memdiff.tau_budget(law, n) <= total_steps(n)
 
 def _worker(conn, run, n, threads):
     """A worker process: run(n) -> (point, samples) on the CPU, sent back, or its error."""
@@ -311,17 +323,17 @@ class Prefetch:
     processes, and hands each back when it is asked for, in the search's own order.
 
     run(n) -> (point, samples) is measure_size with its arguments bound (picklable). Every random
-    stream is seeded per size, so a worker computes the point a sequential run would; which sizes
-    are asked for, in which order, is find_emm's decision alone. frontier(known) -> sizes still
-    reachable, likeliest first; a running size no longer reachable is stopped (its work/
-    files stay, so a later search resumes it).
+    stream is seeded per size, so a worker computes the point a sequential run on `threads` threads
+    would; which sizes are asked for, in which order, is find_emm's decision alone.
+    frontier({n: point} measured so far) -> sizes still reachable, likeliest first; a running size
+    no longer reachable is stopped (its work/ files stay, so a later search resumes it).
     """
     def __init__(self, run, workers, frontier, threads=1):
         import multiprocessing
         self.ctx = multiprocessing.get_context('spawn')    # a fresh interpreter: no forked threads
         self.run, self.workers, self.frontier, self.threads = run, workers, frontier, threads
         self.running, self.finished = {}, {}                # n -> (process, pipe); n -> result
-        self.ratios = {}                                    # every size measured so far
+        self.points = {}                                    # every size measured so far
 
     def _start(self, n):
         recv, send = self.ctx.Pipe(duplex=False)
@@ -338,13 +350,13 @@ class Prefetch:
 
     def _schedule(self, asked):
         """Stop what is unreachable, then fill idle workers: the asked size first, then the frontier."""
-        reachable = self.frontier(dict(self.ratios))
+        reachable = self.frontier(dict(self.points))
         for n in [n for n in self.running if n not in reachable and n != asked]:
             self._stop(n)
         for n in [asked] + reachable:
             if len(self.running) >= self.workers:
                 break
-            if n not in self.running and n not in self.finished and n not in self.ratios:
+            if n not in self.running and n not in self.finished and n not in self.points:
                 self._start(n)
 
     def __call__(self, n):
@@ -361,7 +373,7 @@ class Prefetch:
                     self.finished[m] = ValueError(f'|D| = {m}: the worker process died (exit code '
                                                   f'{self.running[m][0].exitcode}); rerun to resume')
                 if not isinstance(self.finished[m], Exception):
-                    self.ratios[m] = self.finished[m][0]['ratio']
+                    self.points[m] = self.finished[m][0]
                 self.running[m][0].join()
                 self.running.pop(m)
             self._schedule(n)
@@ -375,10 +387,11 @@ class Prefetch:
         for n in list(self.running):
             self._stop(n)
 
-def default_workers(device, world):
-    """--workers auto: one size per core, each with one thread (measured: README, Benchmarks);
-    sequential under torchrun or on a GPU."""
-    return max(1, os.cpu_count() or 1) if device.type == 'cpu' and world == 1 else 1
+def default_workers(device, world, optimum=False):
+    """--workers auto: one size per core, each with one thread, when training on the CPU in one
+    process; sequential under torchrun, on a GPU, and for the closed-form optimum, whose sizes take
+    less time than a worker takes to start (measured: README, Benchmarks)."""
+    return max(1, os.cpu_count() or 1) if device.type == 'cpu' and world == 1 and not optimum else 1
 
 def emm_search(cfg, outdir, data, sizes=None, lo=16, hi=None, step=1, tolerance=0.0,
                device=torch.device('cpu'), progress=None, log=print, workers=1):
@@ -422,8 +435,11 @@ def emm_search(cfg, outdir, data, sizes=None, lo=16, hi=None, step=1, tolerance=
                     return [n for n in sizes if n not in known and n not in done]
             else:
                 def frontier(done):
-                    return search_frontier({**known, **done}, lo, hi, cfg.threshold, step,
-                                           tolerance)
+                    measured = {**{p['size']: p for p in points}, **done}
+                    passes = onset_prediction(list(measured.values()), cfg.threshold,
+                                              cfg.train.total_steps)
+                    return search_frontier({n: p['ratio'] for n, p in measured.items()}, lo, hi,
+                                           cfg.threshold, step, tolerance, passes=passes)
             evaluate = Prefetch(functools.partial(measure_size, cfg, data, work=work), workers,
                                 frontier)
             stack.callback(evaluate.close)
@@ -471,7 +487,7 @@ Examples:
   python run_emm.py --optimum                        # the closed-form optimum: memorizes every size
   python run_emm.py --labels unique --sizes 64,256   # one class per image, two sizes
   python run_emm.py --resolution 4 --channels 8      # lower data dimension, narrower network
-  python run_emm.py --workers 2                      # two sizes at a time, one core each
+  python run_emm.py --workers 1                      # one size at a time, on every core
   python run_emm.py --dry-run --preset paper --data cifar-10-python.tar.gz
   python run_emm.py --data cifar-10-python.tar.gz --labels random:10 --sizes 1000 --export set.zip
   torchrun --standalone --nproc_per_node=8 run_emm.py --preset paper --data cifar-10-python.tar.gz
@@ -566,9 +582,10 @@ Examples:
               help='Seed of training: initial weights, data order and noise.')
 @click.option('--device', metavar='DEV', default='auto', show_default=True,
               help="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:1'.")
-@click.option('--workers', metavar='N|auto', type=Workers(), default='1', show_default=True,
+@click.option('--workers', metavar='N|auto', type=Workers(), default='auto', show_default=True,
               help='Measure sizes the search may ask for next in N CPU processes of one thread '
-                   "each ('auto': one per core); the sizes chosen and their points do not change.")
+                   "each ('auto': one per core when training on the CPU, else 1); the sizes chosen "
+                   'and their points are those of a sequential run on one thread.')
 @click.option('--outdir', metavar='DIR', default=None,
               help='Output folder (default: runs/emm-<hash of the configuration>); reruns resume.')
 @click.option('--dry-run', is_flag=True, help='Print the configuration and its cost, then stop.')
@@ -623,7 +640,7 @@ def main(ctx, **opts):
                                 sizes=opts['sizes'], lo=opts['min_size'], hi=opts['max_size'],
                                 tolerance=opts['tolerance'], device=device,
                                 progress=Progress() if rank == 0 else None, log=log,
-                                workers=opts['workers'] or default_workers(device, world))
+                                workers=opts['workers'] or default_workers(device, world, cfg.optimum))
             if rank == 0:
                 print_table(record, cfg.threshold)
             records.append((value, record))

@@ -3,7 +3,8 @@
 Run by hand (not part of the test suite):  python tests/bench.py [--quick]
 Prints a table of time ratios against each baseline (below 1.0 is faster than the baseline),
 achieved GFLOP/s against a plain matmul of the same shapes, the peak memory of the optimum, and the
-U-Net's training step against a straightforward one with each speed lever's effect. Ratios, not
+U-Net's training step against a straightforward one with each speed lever's effect and its floor
+(the convolutions' time alone, which both share, against the straightforward step). Ratios, not
 absolute times, are the targets: the machine is shared. The training steps are timed in CPU time
 of this process, which does not count the time the machine gives other jobs; run them with
 OMP_NUM_THREADS=1 on a busy machine (idle OpenMP threads spin and are counted).
@@ -190,6 +191,20 @@ def with_manual_attention(fn):
             F.scaled_dot_product_attention = sdpa
     return run
 
+def convolution_share(step, rounds=3):
+    """Share of a step's CPU time spent inside convolutions (forward and backward), by the profiler.
+
+    The profiler's cost per operator falls on the many small ones, so the share is if anything an
+    underestimate of the convolutions' part of an unprofiled step."""
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(rounds):
+            step()
+    events = prof.key_averages()
+    conv = sum(e.self_cpu_time_total for e in events if e.key.startswith('aten::') and 'conv' in e.key)
+    return conv / sum(e.self_cpu_time_total for e in events)
+
 def unet_training(res, channels, mult, blocks, attn, batch, in_ch, repeat, levers=True):
     """Training steps of memdiff's U-Net against the unfused one, same weights, same loss, timed by
     CPU time over interleaved rounds -> dict of seconds per step (and sampler evaluations/s)."""
@@ -210,6 +225,7 @@ def unet_training(res, channels, mult, blocks, attn, batch, in_ch, repeat, lever
         for k, v in losses.items():
             assert abs(v - losses['memdiff']) <= 1e-4 * abs(losses['memdiff']), (k, losses)
     times = dict(zip(steps, paired(list(steps.values()), repeat, clock=time.process_time)))
+    times['conv share'] = convolution_share(steps['memdiff'])
     fused.eval()
     z = torch.randn(batch, in_ch, res, res)
     n = 4
@@ -299,8 +315,9 @@ def main():
           f'({base / matrix:.2f} x).')
 
     print('\nU-Net training steps (loss, backward, nan_to_num, Adam, EMA), CPU time per step:\n\n'
-          '| U-Net | parameters | batch | memdiff ms | unfused ms | ratio | channels-last | '
-          'without nan_to_num | sampler evaluations/s |\n|---|---|---|---|---|---|---|---|---|')
+          '| U-Net | parameters | batch | memdiff ms | unfused ms | ratio | convolutions\' share | '
+          'floor | channels-last | without nan_to_num | sampler evaluations/s |\n'
+          '|---|---|---|---|---|---|---|---|---|---|---|')
     for name, spec in [('digits default (8x8x1, 16 ch, mult 1,2, 1 block, attn 4)',
                         (8, 16, (1, 2), 1, (4,), 64, 1)),
                        ('DDPM++ 32x32x3, 64 ch, mult 2,2,2, 2 blocks, attn 16',
@@ -308,7 +325,8 @@ def main():
         t = unet_training(*spec, repeat=max(3, repeat // 2))
         m = t['memdiff']
         print(f"| {name} | {t['params']:,} | {spec[5]} | {m * 1e3:.1f} | {t['unfused'] * 1e3:.1f} | "
-              f"{m / t['unfused']:.2f}x | {t['channels-last'] / m:.2f}x | "
+              f"{m / t['unfused']:.2f}x | {t['conv share']:.0%} | "
+              f"{t['conv share'] * m / t['unfused']:.2f}x | {t['channels-last'] / m:.2f}x | "
               f"{t['no nan_to_num'] / m:.2f}x | {t['evals/s']:.0f} |")
 
     per_sample = sampling_batches(repeat=max(3, repeat // 2))

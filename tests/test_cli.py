@@ -17,9 +17,10 @@ import run_emm
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 # Tiny settings (seconds on two cores): a trained 8-channel network, 4 steps, 2 snapshots of 16
-# samples from a 3-step sampler; or the closed-form optimum, which needs no training.
+# samples from a 3-step sampler, in this process (no workers: monkeypatches apply, and a size takes
+# less than a worker's start); or the closed-form optimum, which needs no training.
 TINY = ['--steps', '4', '--samples', '16', '--sampler-steps', '3', '--snapshots', '2',
-        '--channels', '8', '--batch', '8']
+        '--channels', '8', '--batch', '8', '--workers', '1']
 OPTIMUM = ['--optimum', '--samples', '20', '--sampler-steps', '3']
 
 

@@ -13,7 +13,7 @@ import memdiff
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ['--steps', '4', '--samples', '24', '--sampler-steps', '3', '--snapshots', '2',
-        '--channels', '8', '--batch', '8']
+        '--channels', '8', '--batch', '8', '--workers', '1']
 
 def run(args, tmp_path, nproc=None, script=ROOT / 'run_emm.py'):
     """Run script (under torchrun with nproc processes) and return the CompletedProcess."""
