@@ -94,6 +94,45 @@ def test_the_onset_prediction_passes_a_size_whose_onset_law_comes_within_its_bud
     assert passes(n) == (memdiff.tau_budget(law, n) <= 1500)
 
 
+# The default run's snapshot ratios at steps 500, 1000 and 1500 (README, The command line).
+DEFAULT_RUN = {16: [0.876, 0.995, 0.996], 32: [0.53, 0.908, 0.983], 40: [0.247, 0.738, 0.918],
+               48: [0.117, 0.617, 0.872], 64: [0.019, 0.35, 0.643]}
+
+
+class Replay:
+    """Prefetch's interface in this process: each size asked gets the default run's point, and the
+    frontier emm_search gives its workers is kept, with the size asked, in `frontiers`."""
+    frontiers = []
+
+    def __init__(self, run, workers, frontier, threads=1):
+        self.frontier, self.points = frontier, {}
+
+    def __call__(self, n):
+        Replay.frontiers.append((n, self.frontier(dict(self.points))))
+        snaps = [dict(step=s, ratio=r, ci=[r, r]) for s, r in zip((500, 1000, 1500), DEFAULT_RUN[n])]
+        self.points[n] = memdiff.best_point(n, snaps)
+        return self.points[n], torch.zeros(64, 1, 8, 8)
+
+    def close(self):
+        pass
+
+
+def test_a_resumed_search_speculates_with_the_law_of_its_recorded_sizes(tmp_path, monkeypatch):
+    """emm_search hands its workers a frontier ordered by the onset law of every size measured so
+    far, those of the record it resumes included: after 16 and 32 from an earlier run, 48 is
+    measured beside 64."""
+    monkeypatch.setattr(run_emm, 'Prefetch', Replay)
+    monkeypatch.setattr(Replay, 'frontiers', [])
+    cfg = memdiff.EMMConfig()
+    data = run_emm.dataset(cfg.data, cfg.resolution, cfg.classes)
+    run_emm.emm_search(cfg, tmp_path, data, sizes=[16, 32], workers=2, log=lambda *a: None)
+    Replay.frontiers.clear()
+    record = run_emm.emm_search(cfg, tmp_path, data, tolerance=0.35, workers=2, log=lambda *a: None)
+    assert [n for n, _ in Replay.frontiers] == [64, 48, 40]
+    assert Replay.frontiers[0][1][:2] == [64, 48]
+    assert record['emm'] == 40
+
+
 def test_the_default_search_speculates_on_its_bisection_after_two_passing_sizes():
     """With the default run's first two sizes (README: 16 and 32 pass, their onsets at 575 and 985
     of 1,500 steps), the law predicts that 64 fails, so a second worker measures 48 beside it, the
@@ -122,13 +161,20 @@ def test_a_prefetching_search_asks_for_the_sequential_sizes(workers, guess):
     def frontier(done):
         return run_emm.search_frontier({n: p['ratio'] for n, p in done.items()}, lo, hi, 0.9, 1, 0.1,
                                        passes=None if guess is None else lambda n: n <= guess)
-    prefetch = run_emm.Prefetch(run, workers, frontier)
+    started = []
+
+    class Counting(run_emm.Prefetch):
+        def _start(self, n):
+            started.append(n)
+            super()._start(n)
+    prefetch = Counting(run, workers, frontier)
     try:
         parallel = memdiff.find_emm(lambda n: prefetch(n)[0]['ratio'], lo, hi, 0.9, 1, 0.1)
     finally:
         prefetch.close()
     assert parallel == sequential
     assert not prefetch.running
+    assert len(started) == len(set(started))                # no size measured twice
 
 
 TRAINING = ['--channels', 4, '--steps', 12, '--snapshots', 2, '--batch', 16]  # seconds a size
