@@ -307,31 +307,41 @@ def onset_prediction(points, threshold, total_steps):
     return lambda n: memdiff.tau_budget(law, n) <= total_steps(n)
 
 def _worker(conn, run, n, threads):
-    """A worker process: run(n) -> (point, samples) on the CPU, sent back, or its error."""
+    """A worker process: run(n, progress=...) -> (point, samples) on the CPU, sent back, or its
+    error, after ('progress', kind, done, total) messages at each whole percent of each stage."""
     # Plain pickle, by value: the Pipe's own pickler would share tensors through file descriptors
     # that vanish with this process.
     torch.set_num_threads(threads)
+    last = [None]
+
+    def progress(kind, done, total):
+        percent = (kind, 100 * done // max(total, 1))
+        if percent != last[0]:
+            last[0] = percent
+            conn.send_bytes(pickle.dumps(('progress', kind, done, total)))
     try:
-        result = run(n)
+        result = run(n, progress=progress)
     except ValueError as e:
         result = e
-    conn.send_bytes(pickle.dumps(result))
+    conn.send_bytes(pickle.dumps(('result', result)))
     conn.close()
 
 class Prefetch:
     """ratio_at(n) for find_emm that measures the sizes the search may ask for next in worker
     processes, and hands each back when it is asked for, in the search's own order.
 
-    run(n) -> (point, samples) is measure_size with its arguments bound (picklable). Every random
+    run(n, progress) -> (point, samples) is measure_size with its arguments bound (picklable);
+    progress(kind, done, total) is shown for the size the search waits for. Every random
     stream is seeded per size, so a worker computes the point a sequential run on `threads` threads
     would; which sizes are asked for, in which order, is find_emm's decision alone.
     frontier({n: point} measured so far) -> sizes still reachable, likeliest first; a running size
     no longer reachable is stopped (its work/ files stay, so a later search resumes it).
     """
-    def __init__(self, run, workers, frontier, threads=1):
+    def __init__(self, run, workers, frontier, threads=1, progress=None):
         import multiprocessing
         self.ctx = multiprocessing.get_context('spawn')    # a fresh interpreter: no forked threads
         self.run, self.workers, self.frontier, self.threads = run, workers, frontier, threads
+        self.progress = progress                            # shown for the size asked for only
         self.running, self.finished = {}, {}                # n -> (process, pipe); n -> result
         self.points = {}                                    # every size measured so far
 
@@ -365,10 +375,16 @@ class Prefetch:
         self._schedule(n)
         while n not in self.finished:
             pipes = {recv: m for m, (_, recv) in self.running.items()}
+            ended = False
             for recv in multiprocessing.connection.wait(list(pipes)):
                 m = pipes[recv]
                 try:
-                    self.finished[m] = pickle.loads(recv.recv_bytes())
+                    tag, *message = pickle.loads(recv.recv_bytes())
+                    if tag == 'progress':
+                        if m == n and self.progress is not None:
+                            self.progress(*message)
+                        continue
+                    self.finished[m] = message[0]
                 except EOFError:                            # died without a word (killed, OOM)
                     self.finished[m] = ValueError(f'|D| = {m}: the worker process died (exit code '
                                                   f'{self.running[m][0].exitcode}); rerun to resume')
@@ -376,7 +392,9 @@ class Prefetch:
                     self.points[m] = self.finished[m][0]
                 self.running[m][0].join()
                 self.running.pop(m)
-            self._schedule(n)
+                ended = True
+            if ended:
+                self._schedule(n)
         result = self.finished.pop(n)
         if isinstance(result, Exception):
             raise result
@@ -441,7 +459,7 @@ def emm_search(cfg, outdir, data, sizes=None, lo=16, hi=None, step=1, tolerance=
                     return search_frontier({n: p['ratio'] for n, p in measured.items()}, lo, hi,
                                            cfg.threshold, step, tolerance, passes=passes)
             evaluate = Prefetch(functools.partial(measure_size, cfg, data, work=work), workers,
-                                frontier)
+                                frontier, progress=progress)
             stack.callback(evaluate.close)
             log(f'{workers} worker processes, one thread each')
 

@@ -28,8 +28,11 @@ def ratio(m, n):
     return 0.9 if n <= m else 0.5
 
 
-def synthetic_point(m, n):
-    """What measure_size returns, for the synthetic ratio: (point, samples)."""
+def synthetic_point(m, n, progress=None):
+    """What measure_size returns, for the synthetic ratio: (point, samples), after reporting its
+    training stage done (its size as the count, so the report names its sender)."""
+    if progress is not None:
+        progress('train', n, n)
     return dict(size=n, ratio=ratio(m, n)), None
 
 
@@ -104,7 +107,7 @@ class Replay:
     frontier emm_search gives its workers is kept, with the size asked, in `frontiers`."""
     frontiers = []
 
-    def __init__(self, run, workers, frontier, threads=1):
+    def __init__(self, run, workers, frontier, threads=1, progress=None):
         self.frontier, self.points = frontier, {}
 
     def __call__(self, n):
@@ -153,7 +156,7 @@ def test_a_prefetching_search_asks_for_the_sequential_sizes(workers, guess):
     """find_emm through Prefetch (sizes measured ahead in worker processes) asks for the same sizes
     in the same order and gets the same ratios as a sequential search, whether its speculation is
     ordered by a right prediction (40), a wrong one (48) or none; speculative sizes that turn out
-    unreachable are stopped."""
+    unreachable are stopped, and only the size waited for shows its progress."""
     m, lo, hi = 40, 16, 64                                  # doubles 16, 32, 64, then bisects
     sequential = memdiff.find_emm(functools.partial(ratio, m), lo, hi, 0.9, 1, 0.1)
     run = functools.partial(synthetic_point, m)
@@ -167,7 +170,8 @@ def test_a_prefetching_search_asks_for_the_sequential_sizes(workers, guess):
         def _start(self, n):
             started.append(n)
             super()._start(n)
-    prefetch = Counting(run, workers, frontier)
+    shown = []
+    prefetch = Counting(run, workers, frontier, progress=lambda kind, done, total: shown.append(done))
     try:
         parallel = memdiff.find_emm(lambda n: prefetch(n)[0]['ratio'], lo, hi, 0.9, 1, 0.1)
     finally:
@@ -175,6 +179,9 @@ def test_a_prefetching_search_asks_for_the_sequential_sizes(workers, guess):
     assert parallel == sequential
     assert not prefetch.running
     assert len(started) == len(set(started))                # no size measured twice
+    # Progress is shown for the size the search waits for only, the first one always.
+    asked = [n for n, _ in sequential['evaluated']]
+    assert shown[0] == lo and shown == sorted(shown, key=asked.index)
 
 
 TRAINING = ['--channels', 4, '--steps', 12, '--snapshots', 2, '--batch', 16]  # seconds a size
