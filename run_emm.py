@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import platform
+import signal
 import sys
 import zipfile
 from pathlib import Path
@@ -312,6 +313,9 @@ def _worker(conn, run, n, threads):
     # Plain pickle, by value: the Pipe's own pickler would share tensors through file descriptors
     # that vanish with this process.
     torch.set_num_threads(threads)
+    # Ctrl-C reaches the whole process group: the search stops its workers itself (Prefetch.close),
+    # so a worker ignores it rather than print a traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     last = [None]
 
     def progress(kind, done, total):

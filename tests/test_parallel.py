@@ -232,3 +232,31 @@ def test_auto_workers_are_one_per_core_only_when_training_on_the_cpu_in_one_proc
     assert run_emm.default_workers(cpu, 2) == 1
     params = {p.name: p for p in run_emm.main.params}
     assert params['workers'].default == 'auto'
+
+
+@pytest.mark.slow                                           # a real run, interrupted
+def test_ctrl_c_stops_the_workers_with_one_line_and_no_traceback(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while two workers train:
+    the search stops them and ends with its one-line error; no worker prints a traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    args = ['--steps', '5000', '--samples', '16', '--snapshots', '1', '--channels', '8', '--batch',
+            '8', '--sizes', '16,32', '--workers', '2', '--outdir', str(tmp_path / 'run')]
+    p = subprocess.Popen([sys.executable, 'run_emm.py', *args], cwd=run_emm.Path(__file__).parents[1],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        for line in p.stdout:                               # the workers are started by now
+            if 'training 5000 steps' in line:
+                break
+        time.sleep(3)                                       # inside torch, in both workers
+        os.killpg(p.pid, signal.SIGINT)
+        out = line + p.communicate(timeout=120)[0]
+    finally:
+        p.kill()
+    assert p.returncode != 0
+    assert 'Traceback' not in out and 'KeyboardInterrupt' not in out, out
+    assert out.rstrip().splitlines()[-1] == 'Error: interrupted: rerun the same command to resume'
