@@ -5,6 +5,11 @@ import functools
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,13 +243,9 @@ def test_auto_workers_are_one_per_core_only_when_training_on_the_cpu_in_one_proc
 def test_ctrl_c_stops_the_workers_with_one_line_and_no_traceback(tmp_path):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while two workers train:
     the search stops them and ends with its one-line error; no worker prints a traceback."""
-    import signal
-    import subprocess
-    import sys
-    import time
     args = ['--steps', '5000', '--samples', '16', '--snapshots', '1', '--channels', '8', '--batch',
             '8', '--sizes', '16,32', '--workers', '2', '--outdir', str(tmp_path / 'run')]
-    p = subprocess.Popen([sys.executable, 'run_emm.py', *args], cwd=run_emm.Path(__file__).parents[1],
+    p = subprocess.Popen([sys.executable, 'run_emm.py', *args], cwd=Path(__file__).parents[1],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          start_new_session=True,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
