@@ -7,13 +7,15 @@ What is in this file, in the order of the science:
   3. precond        -- EDM, VP and VE preconditioning D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) [2]
   4. losses         -- per-sample denoising score-matching losses of EDM, VP and VE [2]
   5. sampler        -- the EDM Heun sampler (Algorithm 2 of [2]) for *any* denoiser
-  6. optimum        -- the closed-form optimal denoiser D* of a finite training set [1, eq. 4]
+  6. closed forms   -- the optimal denoiser D* of a finite training set [1, eq. 4] and the Gaussian
+                       (best affine) denoiser D_G of its mean and covariance [5, 6]
   7. metric         -- nearest neighbours, the memorization ratio and its Wilson interval [1, sec. 3]
   8. training       -- the study's loop: Adam/SGD, lr ramp-up, its EMA modes, data order, snapshots
-  9. measurement    -- memorization of one training set, and the search for EMM [1, eq. 5]
+  9. measurement    -- memorization of one training set, probes of the denoiser against the closed
+                       forms, the onset tau_mem [7], and the search for EMM [1, eq. 5]
   Appendix          -- reading the study's network-snapshot-*.pkl without running code from it
 
-What is not: the run around the science (options, records, resume ledger, lock, pictures, sweeps,
+What is not: the run around the science (options, records, locks, resume files, pictures, sweeps,
 process group: run_emm.py), the authors' augmentation pipeline (the study trains without it), FID,
 and anything that needs a download at run time.
 
@@ -25,9 +27,16 @@ References:
   [3] Y. Song, J. Sohl-Dickstein, D. Kingma, A. Kumar, S. Ermon, B. Poole. Score-Based Generative
       Modeling through Stochastic Differential Equations. ICLR 2021 (DDPM++ and NCSN++).
   [4] E. B. Wilson. Probable inference, the law of succession, and statistical inference. JASA 1927.
+  [5] X. Li, Y. Dai, Q. Qu. Understanding Generalizability of Diffusion Models Requires Rethinking
+      the Hidden Gaussian Structure. NeurIPS 2024.
+  [6] B. Wang, J. Vastola. The Unreasonable Effectiveness of Gaussian Score Approximation for
+      Diffusion Models and its Applications. TMLR 2024.
+  [7] T. Bonnaire, R. Urfin, G. Biroli, M. Mezard. Why Diffusion Models Don't Memorize: The Role of
+      Implicit Dynamical Regularization in Training. NeurIPS 2025.
 """
 
 import collections
+import contextlib
 import copy
 import gzip
 import io
@@ -37,6 +46,7 @@ import os
 import pickle
 import random
 import re
+import sysconfig
 import tarfile
 import warnings
 import zipfile
@@ -49,67 +59,77 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DATA_DIR = Path(__file__).resolve().parent / 'data'
+# The bundled digits: beside this file in a checkout, under <prefix>/share/memdiff when installed.
+DATA_DIRS = (Path(__file__).resolve().parent / 'data', Path(sysconfig.get_path('data')) / 'share' / 'memdiff')
 
 #----------------------------------------------------------------------------
 # 1. Data. Images are float32 [N, C, H, W] in [-1, 1] (the study scales pixels as u/127.5 - 1),
 # labels int64 [N] or None. The builders are the study's dataset tools [1, dataset_utils/]: the first
 # |D|/C images of each class in file order, LANCZOS down-sampling on uint8 pixels, and its label
-# draws. No augmentation, no x-flip: the study trains on the raw subset.
+# draws. No augmentation, no x-flip: the study trains on the raw subset. A file costs about what it
+# holds: image sizes and array shapes are read from their headers and checked before decoding.
+
+MAX_PIXELS = 4096 * 4096        # per image: far above the study's 32 x 32, far below a bomb's
 
 def _fail(source, problem):
     raise ValueError(f'{source}: {problem}')
 
+def _free_memory():
+    """Bytes this machine can still give: MemAvailable on Linux, its physical memory elsewhere."""
+    try:
+        with open('/proc/meminfo') as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith('MemAvailable:'))
+    except (OSError, StopIteration):
+        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+def _check_fits(source, shape):
+    """Refuse a data set whose float32 copy [N, C, H, W] would not fit in the memory left."""
+    need, free = 4 * math.prod(shape), _free_memory()
+    if need > free:
+        _fail(source, f'{" x ".join(map(str, shape))} images need {need / 2**30:.1f} GiB as float32, '
+              f'more than the {free / 2**30:.1f} GiB this machine has free')
+
 def _check_images(images, source):
-    """Validate an array of images -> numpy [N, C, H, W]: uint8 kept as uint8, anything else as
-    float32 in [-1, 1]. Pixels stay uint8 until after resizing, as in the study's tools."""
+    """Images as numpy [N, C, H, W]: uint8 kept (resized as uint8, as the study), else float32 in [-1, 1]."""
     images = np.asarray(images)
-    if images.ndim == 3:                                    # [N, H, W]: one channel
-        images = images[:, None]
-    if images.ndim != 4:
-        _fail(source, f'images must have rank 3 or 4 (N x C x H x W or N x H x W x C), got shape '
+    images = images[:, None] if images.ndim == 3 else images  # [N, H, W]: one channel
+    if images.ndim != 4 or images.shape[0] == 0:
+        _fail(source, f'images must be N x C x H x W or N x H x W x C with N > 0, got shape '
               f'{tuple(images.shape)}')
-    nchw = images.shape[1] in (1, 3, 4) and images.shape[2] == images.shape[3]
-    nhwc = images.shape[3] in (1, 3, 4) and images.shape[1] == images.shape[2]
-    if nhwc and not nchw:
+    if images.shape[3] in (1, 3, 4) and images.shape[1] == images.shape[2] \
+            and not (images.shape[1] in (1, 3, 4) and images.shape[2] == images.shape[3]):
         images = images.transpose(0, 3, 1, 2)               # NHWC -> NCHW (square images)
-    if images.shape[0] == 0:
-        _fail(source, 'the data set holds no images')
-    if images.dtype == np.uint8:                            # kept uint8 until after resizing
+    if images.dtype == np.uint8:
         return np.ascontiguousarray(images)
-    if np.issubdtype(images.dtype, np.number) and not np.issubdtype(images.dtype, np.complexfloating):
-        images = images.astype(np.float32)
-        if not np.isfinite(images).all():
-            _fail(source, 'images contain NaN or inf')
-        if images.min() < -1 - 1e-6 or images.max() > 1 + 1e-6:
-            _fail(source, f'float images must lie in [-1, 1] (or be uint8 0..255), got range '
-                  f'[{images.min():.3g}, {images.max():.3g}]')
-    else:
+    if not np.issubdtype(images.dtype, np.integer) and not np.issubdtype(images.dtype, np.floating):
         _fail(source, f'images have unsupported dtype {images.dtype}')
+    images = images.astype(np.float32)
+    if not np.isfinite(images).all():
+        _fail(source, 'images contain NaN or inf')
+    if images.min() < -1 - 1e-6 or images.max() > 1 + 1e-6:
+        _fail(source, f'float images must lie in [-1, 1] (or be uint8 0..255), got range '
+              f'[{images.min():.3g}, {images.max():.3g}]')
     return np.ascontiguousarray(images)
 
 def _check_labels(labels, n, source):
-    """Validate labels: int64 [N] with values >= 0, or None."""
+    """Labels as int64 [N] of values >= 0 (one-hot rows [N, C] allowed), or None."""
     if labels is None:
         return None
     labels = np.asarray(labels)
-    if labels.ndim == 2:                                    # one-hot rows, as in EDM's dataset.json
-        labels = labels.argmax(1)
+    labels = labels.argmax(1) if labels.ndim == 2 else labels  # one-hot, as EDM's dataset.json
     if labels.ndim != 1 or len(labels) != n:
         _fail(source, f'labels must be a vector of {n} entries (one per image), got shape '
               f'{tuple(labels.shape)}')
-    if not np.issubdtype(labels.dtype, np.integer):
-        if not np.isfinite(labels).all() or (labels != np.round(labels)).any():
-            _fail(source, 'labels must be integers')
-    if labels.min() < 0:
-        _fail(source, 'labels must be non-negative')
+    if not np.issubdtype(labels.dtype, np.number) or not np.isfinite(labels).all() \
+            or (labels != np.round(labels)).any() or labels.min() < 0:
+        _fail(source, 'labels must be whole numbers >= 0')
     return torch.from_numpy(labels.astype(np.int64))
 
 def _load_digits():
     """The bundled UCI digits: 1,797 images 1x8x8, values 0..16 mapped to v/8 - 1, labels 0..9."""
-    path = DATA_DIR / 'digits.csv.gz'
-    if not path.is_file():
-        _fail(path, 'the bundled digits are missing from the installation')
+    path = next((d / 'digits.csv.gz' for d in DATA_DIRS if (d / 'digits.csv.gz').is_file()), None)
+    if path is None:
+        _fail('digits', 'the bundled digits.csv.gz is missing from the installation')
     with gzip.open(path, 'rt') as f:
         table = np.loadtxt(f, delimiter=',', dtype=np.float32)
     images = table[:, :64].reshape(-1, 1, 8, 8) / 8 - 1    # values 0..16, not uint8: kept float32
@@ -117,20 +137,31 @@ def _load_digits():
 
 def _load_npz(path):
     """The study's npz layout: 'images' (NCHW or NHWC, uint8 or float) and optional 'labels'."""
-    if not zipfile.is_zipfile(path):                        # numpy would talk of pickles instead
-        _fail(path, 'not a valid .npz file (an .npz is a zip of .npy arrays)')
+    with open(path, 'rb') as f:                             # numpy would talk of pickles instead
+        if f.read(4) != b'PK\x03\x04':
+            _fail(path, 'not a valid .npz file (an .npz is a zip of .npy arrays)')
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files if k in ('images', 'labels')}
-            files = z.files
+        with zipfile.ZipFile(path) as z:
+            members = {i.filename[:-4]: i for i in z.infolist() if i.filename.endswith('.npy')}
+            if 'images' not in members:
+                _fail(path, f"no 'images' array in the npz (found: {', '.join(members) or 'nothing'})")
+            for name in {'images', 'labels'} & set(members):  # headers first: shapes cost nothing
+                with z.open(members[name]) as f:
+                    version = np.lib.format.read_magic(f)
+                    shape, _, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                       else np.lib.format.read_array_header_2_0)(f)
+                if dtype.hasobject or math.prod(shape) * dtype.itemsize > members[name].file_size:
+                    _fail(path, f'{name}.npy declares {shape} of {dtype}, which its '
+                          f'{members[name].file_size} bytes do not hold as numbers')
+                if name == 'images':
+                    _check_fits(path, shape)
+            with np.load(path, allow_pickle=False) as arrays:
+                images = arrays['images']
+                labels = arrays['labels'] if 'labels' in members else None
     except (OSError, zipfile.BadZipFile, EOFError, ValueError) as e:
+        if str(e).startswith(str(path)):
+            raise
         _fail(path, f'not a valid .npz file ({e})')
-    for k, v in arrays.items():                             # numpy hands back a non-.npy member's bytes
-        if not isinstance(v, np.ndarray):
-            _fail(path, f'not a valid .npz file ({k}.npy is not a .npy array)')
-    if 'images' not in arrays:
-        _fail(path, f"no 'images' array in the npz (found: {', '.join(files) or 'nothing'})")
-    images, labels = arrays['images'], arrays.get('labels')
     images = _check_images(images, path)
     return images, _check_labels(labels, len(images), path)
 
@@ -148,51 +179,60 @@ class _ArrayUnpickler(pickle.Unpickler):
 def _load_cifar10(path):
     """CIFAR-10 python version (tar.gz or extracted folder): the five training batches, in order."""
     names = [f'data_batch_{i}' for i in range(1, 6)]
-    batches = []
+    folder = path / 'cifar-10-batches-py' if (path / 'cifar-10-batches-py').is_dir() else path
     try:
-        if path.is_dir():
-            folder = path / 'cifar-10-batches-py' if (path / 'cifar-10-batches-py').is_dir() else path
-            for name in names:
-                with open(folder / name, 'rb') as f:
-                    batches.append(_ArrayUnpickler(f, encoding='latin1').load())
-        else:
-            with tarfile.open(path, 'r:gz') as tar:
-                for name in names:
-                    f = tar.extractfile(f'cifar-10-batches-py/{name}')
-                    batches.append(_ArrayUnpickler(f, encoding='latin1').load())
-    except (OSError, KeyError, tarfile.TarError, pickle.UnpicklingError, EOFError) as e:
-        _fail(path, f'not a CIFAR-10 python archive ({e})')
-    images = np.concatenate([b['data'] for b in batches]).reshape(-1, 3, 32, 32)
-    labels = np.concatenate([b['labels'] for b in batches])
+        with contextlib.ExitStack() as stack:
+            if path.is_dir():
+                files = [stack.enter_context(open(folder / name, 'rb')) for name in names]
+            else:
+                tar = stack.enter_context(tarfile.open(path, 'r:gz'))
+                files = [tar.extractfile(f'cifar-10-batches-py/{name}') for name in names]
+            batches = [_ArrayUnpickler(f, encoding='latin1').load() for f in files]
+        images = np.concatenate([np.asarray(b['data'], np.uint8).reshape(-1, 3, 32, 32)
+                                 for b in batches])
+        labels = np.concatenate([np.asarray(b['labels']) for b in batches])
+    except (OSError, KeyError, TypeError, ValueError, tarfile.TarError, pickle.UnpicklingError,
+            EOFError) as e:
+        _fail(path, f'not a CIFAR-10 python archive ({type(e).__name__}: {e})')
     return _check_images(images, path), _check_labels(labels, len(images), path)
 
 def _load_png_zip(path):
     """EDM-style zip of PNGs with optional dataset.json {"labels": [[name, label], ...]}, the images
     in sorted name order as EDM's ImageFolderDataset reads them."""
     try:
-        with zipfile.ZipFile(path) as z:
+        with zipfile.ZipFile(path) as z, warnings.catch_warnings():
+            warnings.simplefilter('ignore', PIL.Image.DecompressionBombWarning)  # refused below
             names = sorted(n for n in z.namelist() if n.lower().endswith('.png'))
             if not names:
                 _fail(path, 'the zip holds no PNG images')
-            images = [np.array(PIL.Image.open(io.BytesIO(z.read(n)))) for n in names]
+            shapes = {}
+            for name in names:                              # headers only: Pillow decodes lazily
+                with z.open(name) as f, PIL.Image.open(f) as im:
+                    shapes[name] = (len(im.getbands()), im.height, im.width)
+                if im.width * im.height > MAX_PIXELS or shapes[name] != shapes[names[0]]:
+                    _fail(path, f'{name} is {im.width} x {im.height} x {len(im.getbands())}, '
+                          f'{names[0]} {" x ".join(map(str, shapes[names[0]][::-1]))}: images '
+                          f'must share one size of at most {MAX_PIXELS:,} pixels')
+            _check_fits(path, (len(names),) + shapes[names[0]])
+            images = []
+            for name in names:
+                with z.open(name) as f, PIL.Image.open(f) as im:
+                    images.append(np.array(im))
             meta = json.loads(z.read('dataset.json')) if 'dataset.json' in z.namelist() else {}
-    except (OSError, zipfile.BadZipFile, json.JSONDecodeError) as e:
-        _fail(path, f'not a readable zip of PNGs ({e})')
-    if len({im.shape for im in images}) != 1:
-        _fail(path, 'the PNG images do not all have the same shape')
-    images = np.stack(images)
-    labels = None
-    if (meta or {}).get('labels') is not None:
-        table = dict(meta['labels'])
-        if set(names) - set(table):
-            _fail(path, 'dataset.json has no label for some images')
-        labels = [table[n] for n in names]
-    return _check_images(images, path), _check_labels(labels, len(images), path)
+            table = dict(meta['labels']) if (meta or {}).get('labels') is not None else None
+    except (OSError, zipfile.BadZipFile, json.JSONDecodeError, TypeError, ValueError,
+            AttributeError, PIL.Image.DecompressionBombError) as e:
+        if str(e).startswith(str(path)):
+            raise
+        _fail(path, f'not a readable zip of PNGs ({type(e).__name__}: {e})')
+    if table is not None and set(names) - set(table):
+        _fail(path, 'dataset.json has no label for some images')
+    labels = None if table is None else [table[n] for n in names]
+    return _check_images(np.stack(images), path), _check_labels(labels, len(images), path)
 
 def downsample(images, resolution):
-    """Resize images [N, C, H, W] to [N, C, resolution, resolution] with Pillow's LANCZOS filter, as
-    the study's dataset_tool.py does; uint8 stays uint8 (Pillow rounds and clips), float stays float.
-    Takes and returns a numpy array or a torch tensor; resolution == H returns the input."""
+    """Resize images [N, C, H, W] (numpy or torch) to [N, C, resolution, resolution] with Pillow's
+    LANCZOS filter, as the study's dataset_tool.py; uint8 stays uint8 (Pillow rounds and clips)."""
     H = images.shape[-1]
     if images.shape[-2] != H:
         raise ValueError(f'images must be square to resize, got {H} x {images.shape[-2]}')
@@ -206,48 +246,34 @@ def downsample(images, resolution):
     # One channel at a time: mode 'L' for uint8 gives exactly Pillow's RGB resize of dataset_tool.py
     # (Pillow filters each band alone); float sources (the digits) use mode 'F', the same filter
     # without rounding, clipped to [-1, 1] as Pillow clips uint8 to 0..255.
-    out = np.empty(x.shape[:2] + (resolution, resolution), x.dtype)
-    for i in range(x.shape[0]):
-        for c in range(x.shape[1]):
-            band = PIL.Image.fromarray(np.ascontiguousarray(x[i, c]))
-            out[i, c] = np.asarray(band.resize((resolution, resolution), PIL.Image.LANCZOS))
-    if out.dtype != np.uint8:
-        out = out.clip(-1, 1)
+    out = np.stack([[np.asarray(PIL.Image.fromarray(np.ascontiguousarray(band)).resize(
+        (resolution, resolution), PIL.Image.LANCZOS)) for band in image] for image in x])
+    out = out if out.dtype == np.uint8 else out.clip(-1, 1)
     return torch.from_numpy(out) if isinstance(images, torch.Tensor) else out
-
-def load_dataset(spec, resolution=None, classes=None):
-    """Load a data set by name or path -> (images float32 [N, C, H, W] in [-1, 1], labels [N] or None)."""
-    return prepare_dataset(*read_dataset(spec), resolution, classes, spec)
 
 def read_dataset(spec):
     """The pixels of a data set as stored -> (uint8 or float32 array [N, C, H, W], labels [N] or None)."""
-    spec = str(spec)
-    if spec == 'digits':
-        images, labels = _load_digits()
-    else:
-        path = Path(spec).expanduser()
-        if not path.exists():
-            _fail(spec, "no such file or folder (use 'digits', a .npz, CIFAR-10 python archive "
-                  "or folder, or an EDM-style .zip of PNGs)")
-        name = path.name.lower()
-        if name.endswith('.npz'):
-            images, labels = _load_npz(path)
-        elif name.endswith(('.tar.gz', '.tgz')) or path.is_dir():
-            images, labels = _load_cifar10(path)
-        elif name.endswith('.zip'):
-            images, labels = _load_png_zip(path)
-        else:
-            _fail(spec, 'unknown data format (expected .npz, .tar.gz, a folder or .zip)')
-    return images, labels
+    if str(spec) == 'digits':
+        return _load_digits()
+    path = Path(spec).expanduser()
+    name = path.name.lower()
+    if not path.exists():
+        _fail(spec, "no such file or folder (use 'digits', a .npz, CIFAR-10 python archive "
+              "or folder, or an EDM-style .zip of PNGs)")
+    if name.endswith('.npz'):
+        return _load_npz(path)
+    if name.endswith(('.tar.gz', '.tgz')) or path.is_dir():
+        return _load_cifar10(path)
+    if name.endswith('.zip'):
+        return _load_png_zip(path)
+    _fail(spec, 'unknown data format (expected .npz, .tar.gz, a folder or .zip)')
 
 def prepare_dataset(images, labels, resolution=None, classes=None, spec='data'):
     """The first C classes, down-sampled as the study -> (float32 [N, C, H, W] in [-1, 1], labels)."""
     if classes is not None:                                 # classes 0..C-1 [dataset_diversity.py]
-        if labels is None:
-            _fail(spec, f'classes={classes} needs labels, and the data set has none')
-        num_classes = int(labels.max()) + 1
-        if not 1 <= classes <= num_classes:
-            _fail(spec, f'classes={classes} but the data set has {num_classes} classes')
+        if labels is None or not 1 <= classes <= int(labels.max()) + 1:
+            _fail(spec, f'classes={classes}, but the data set has '
+                  f'{0 if labels is None else int(labels.max()) + 1} classes')
         keep = (labels < classes).numpy()
         images, labels = images[keep], labels[keep]
     if resolution is not None:
@@ -260,34 +286,29 @@ def prepare_dataset(images, labels, resolution=None, classes=None, spec='data'):
         images = images.float() / 127.5 - 1                 # u/127.5 - 1 [training/training_loop.py]
     return images.contiguous(), labels
 
+def load_dataset(spec, resolution=None, classes=None):
+    """Load a data set by name or path -> (images float32 [N, C, H, W] in [-1, 1], labels [N] or None)."""
+    return prepare_dataset(*read_dataset(spec), resolution, classes, spec)
+
 def _class_shares(labels, n):
     """(classes present [C], images taken from each [C]) of the study's first-k rule for size n."""
     classes = torch.unique(labels)                          # ascending: 0..C-1 for the study's data
-    C = len(classes)
-    k = n // C
-    shares = [k] * (C - 1) + [n - k * (C - 1)]              # the remainder goes to the last class
-    return classes.tolist(), shares
+    k = n // len(classes)
+    return classes.tolist(), [k] * (len(classes) - 1) + [n - k * (len(classes) - 1)]
 
 def balanced_subset(labels, n):
     """Indices [n] of the study's training set of size n, class-sorted: for each class c = 0..C-1 the
-    first k = n // C images of c in file order, the last class taking n - k (C - 1) (dataset_size.py
-    for C | n, dataset_diversity.py otherwise); the first n images when labels is an int N
-    (unlabelled). No seed. Subset m lies inside subset n >= m iff the last class's share does not
-    shrink, m - (C-1) floor(m/C) <= n - (C-1) floor(n/C): always when C divides m."""
-    if isinstance(labels, int):
-        N = labels
-    elif labels is None:
-        raise ValueError('balanced_subset needs the labels [N], or the data set size N when unlabelled')
-    else:
-        N = len(labels)
+    first k = n // C images of c in file order, the last class taking n - k (C - 1) (dataset_size.py,
+    dataset_diversity.py); the first n images when labels is an int N (unlabelled). No seed. The
+    sets are nested when the last class's share does not shrink: always when C divides the smaller."""
+    N = labels if isinstance(labels, int) else len(labels)
     if not 1 <= n <= N:
         raise ValueError(f'subset size {n} must lie in 1..{N} (the data set size)')
     if isinstance(labels, int):
         return torch.arange(n)
-    labels = torch.as_tensor(labels)
     picks = []
-    for c, share in zip(*_class_shares(labels, n)):
-        members = torch.nonzero(labels == c).flatten()      # file order
+    for c, share in zip(*_class_shares(torch.as_tensor(labels), n)):
+        members = torch.nonzero(torch.as_tensor(labels) == c).flatten()  # file order
         if len(members) < share:
             raise ValueError(f'subset size {n}: class {c} has {len(members)} images, fewer than '
                              f'its share {share} of the first-k rule')
@@ -295,21 +316,29 @@ def balanced_subset(labels, n):
     return torch.cat(picks)
 
 def max_subset_size(labels):
-    """The largest n such that balanced_subset(labels, m) exists for every m in 1..n (an int N: N).
-    With classes of unequal size not every smaller size need exist beyond it."""
+    """The largest n such that balanced_subset(labels, m) exists for every m in 1..n (an int N: N)."""
     if isinstance(labels, int):
         return labels
     counts = torch.unique(torch.as_tensor(labels), return_counts=True)[1].tolist()
     C, first = len(counts), min(counts[:-1], default=len(labels))
-    for n in range(1, len(labels) + 1):                     # the shares of _class_shares
-        if n // C > first or n - (n // C) * (C - 1) > counts[-1]:
-            return n - 1
-    return len(labels)
+    return next((n - 1 for n in range(1, len(labels) + 1)   # the shares of _class_shares
+                 if n // C > first or n - (n // C) * (C - 1) > counts[-1]), len(labels))
+
+def held_out(labels, n, count):
+    """Indices of images the training set of size n leaves out: of each class, its last ceil(count/C)
+    in file order (unlabelled: the last count), the same images for every n that leaves them out."""
+    N = labels if isinstance(labels, int) else len(labels)
+    free = torch.ones(N, dtype=torch.bool)
+    free[balanced_subset(labels, n)] = False
+    if isinstance(labels, int):
+        return torch.nonzero(free).flatten()[-count:]
+    classes = torch.unique(torch.as_tensor(labels))
+    k = math.ceil(count / len(classes))
+    return torch.cat([torch.nonzero(free & (labels == c)).flatten()[-k:] for c in classes])
 
 def assign_labels(labels, mode, n=None):
     """Class labels of the study's files for a training set in class-sorted order -> (labels int64
     [n] or None, label_dim = max label + 1, as EDM's dataset reads it; 0 for 'none')."""
-    mode = str(mode)
     if mode == 'none':
         return None, 0
     if mode == 'true':
@@ -317,31 +346,24 @@ def assign_labels(labels, mode, n=None):
             raise ValueError("label mode 'true' needs a data set with labels")
         return labels, int(labels.max()) + 1
     n = len(labels) if labels is not None else n
-    if n is None:
-        raise ValueError(f"label mode '{mode}' needs the subset size n when the data has no labels")
     if mode == 'unique':
         return torch.arange(n), n                           # image i: label i [dataset_unique.py]
-    if mode.startswith('random:'):
-        try:
-            C = int(mode.split(':', 1)[1])
-        except ValueError:
-            C = 0
-        if C < 1:
-            raise ValueError(f"label mode '{mode}': random:C needs a whole number of classes C >= 1")
-        # dataset_random.py: random.seed(1024), then one randint(0, C - 1) per image of the set, in
-        # class-sorted order. A private Random(1024) draws the same sequence, global state untouched.
-        rng = random.Random(1024)
-        out = torch.tensor([rng.randint(0, C - 1) for _ in range(n)], dtype=torch.int64)
-        return out, int(out.max()) + 1
-    raise ValueError(f"unknown label mode '{mode}' (expected none, true, random:C or unique)")
-
-def quantize_uint8(x):
-    """Round images in [-1, 1] to the study's 8-bit grid (x*127.5 + 128, clipped, truncated), same scale."""
-    return to_uint8(x).to(x.dtype) / 127.5 - 1
+    if not re.fullmatch(r'random:[1-9]\d*', str(mode)):
+        raise ValueError(f"unknown label mode {mode!r} (expected none, true, random:C with C >= 1 "
+                         "or unique)")
+    # dataset_random.py: random.seed(1024), then one randint(0, C - 1) per image of the set, in
+    # class-sorted order. A private Random(1024) draws the same sequence, global state untouched.
+    rng = random.Random(1024)
+    out = torch.tensor([rng.randint(0, int(mode[7:]) - 1) for _ in range(n)], dtype=torch.int64)
+    return out, int(out.max()) + 1
 
 def to_uint8(x):
     """Images in [-1, 1] -> uint8 pixels, exactly as EDM's generate.py writes its PNGs."""
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+def quantize_uint8(x):
+    """Round images in [-1, 1] to the study's 8-bit grid (x*127.5 + 128, clipped, truncated), same scale."""
+    return to_uint8(x).to(x.dtype) / 127.5 - 1
 
 #----------------------------------------------------------------------------
 # 2. Network: the DDPM++ / NCSN++ U-Net of Song et al. [3] as re-implemented in EDM [2] and used
@@ -667,6 +689,16 @@ def ve_loss(denoise, y, class_labels=None, sigma_min=VE_SIGMA_MIN, sigma_max=VE_
 
 LOSSES = {'edm': edm_loss, 'vp': vp_loss, 've': ve_loss}
 
+def sigma_density(precond, sigma, P_mean=-1.2, P_std=1.2):
+    """Density of ln sigma [K] with which precond's loss draws its noise levels sigma [K] (float64)."""
+    s = torch.as_tensor(sigma, dtype=torch.float64)
+    if precond.kind == 'edm':                               # ln sigma ~ N(P_mean, P_std^2)
+        return (-((s.log() - P_mean) / P_std) ** 2 / 2).exp() / (P_std * math.sqrt(2 * math.pi))
+    if precond.kind == 'vp':                                # t ~ U(eps_t, 1): dt / d ln sigma
+        root = (precond.beta_min ** 2 + 2 * precond.beta_d * (1 + s ** 2).log()).sqrt()
+        return 2 * s ** 2 / ((1 + s ** 2) * root) / (1 - precond.epsilon_t)
+    return torch.full_like(s, 1 / math.log(precond.sigma_max / precond.sigma_min))  # log-uniform
+
 #----------------------------------------------------------------------------
 # 5. Sampler: EDM's Heun solver of the probability-flow ODE dx/dt = (x - D(x; t)) / t [2, Alg. 2],
 # with the optional churn of its stochastic variant. Any denoiser (x, sigma, labels) -> D(x) fits.
@@ -678,14 +710,17 @@ def edm_sigma_steps(num_steps=18, sigma_min=0.002, sigma_max=80, rho=7):
                * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     return torch.cat([t_steps, torch.zeros(1, dtype=torch.float64)])
 
+def sigma_range(denoise, sigma_min=0.002, sigma_max=80):
+    """(sigma_min, sigma_max) clamped to the range the denoiser declares it supports (VE: [0.02, 100];
+    VP: [sigma(eps_t), sigma(1)]), as the study's sampler does; a plain callable declares none."""
+    return (max(sigma_min, getattr(denoise, 'sigma_min', 0)),
+            min(sigma_max, getattr(denoise, 'sigma_max', math.inf)))
+
 @torch.no_grad()
 def edm_sampler(denoise, latents, class_labels=None, num_steps=18, sigma_min=0.002, sigma_max=80,
                 rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, generator=None):
     """Heun-sample from unit-variance latents [B,...] -> samples [B,...] in the latents' dtype."""
-    # As the study's sampler: the noise levels stay inside the range the denoiser was trained on
-    # (VE: [0.02, 100]), when it declares one.
-    sigma_min = max(sigma_min, getattr(denoise, 'sigma_min', 0))
-    sigma_max = min(sigma_max, getattr(denoise, 'sigma_max', math.inf))
+    sigma_min, sigma_max = sigma_range(denoise, sigma_min, sigma_max)
     t_steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho).to(latents.device)
     x_next = latents.to(torch.float64) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
@@ -713,12 +748,22 @@ def edm_sampler(denoise, latents, class_labels=None, num_steps=18, sigma_min=0.0
     return x_next.to(latents.dtype)
 
 #----------------------------------------------------------------------------
-# 6. The optimal denoiser [1, eq. 4]: the minimiser of the denoising objective on a finite training
-# set {y_i}, D*(x; sigma) = sum_i softmax_i(-||x - y_i||^2 / 2 sigma^2) y_i. It is evaluated chunk by
-# chunk over the training set with a running log-sum-exp (online softmax), so memory is
-# O(batch x chunk) and never O(batch x N). The class-conditional optimum sums over the images of the
-# sample's class only; a sample whose class has no image (random labels can leave classes empty)
-# gets the unconditional optimum, and measure() counts such samples.
+# 6. Closed-form denoisers of a finite training set {y_i}, with the calling convention of Precond, so
+# each drops into edm_sampler. The optimum [1, eq. 4] minimises the denoising objective over all
+# functions, D*(x; sigma) = sum_i softmax_i(-||x - y_i||^2 / 2 sigma^2) y_i: it can only reproduce
+# training images. The Gaussian denoiser [5, 6] minimises it over affine functions: the posterior
+# mean of a Gaussian with the set's mean and covariance. A trained network that memorizes follows
+# D*; one that generalizes follows D_G. Class-conditional forms use the images of the sample's class
+# only; a sample whose class has no image (random labels can leave classes empty) gets the
+# unconditional form, and measure() counts such samples.
+
+def _class_index(class_labels, labels, B):
+    """Class of each sample [B] (-1 where no training image has it); None when unconditional."""
+    if class_labels is None or labels is None:
+        return None
+    c = class_labels.argmax(1) if class_labels.ndim == 2 else class_labels
+    c = c.to(labels.device).long().expand(B)
+    return c.masked_fill(~torch.isin(c, labels), -1)
 
 class OptimalDenoiser:
     """D*(x [B,...], sigma [B] or float, labels [B,C] one-hot or [B] int) -> [B,...] over a training set."""
@@ -731,6 +776,10 @@ class OptimalDenoiser:
         self.label_dim = 0 if labels is None else int(self.labels.max()) + 1
         self.chunk = int(chunk)
 
+    def unseen(self, class_labels):
+        """Mask [B]: the sample's class has no training image (one-hot rows [B, C] or indices [B])."""
+        return _class_index(class_labels, self.labels, len(class_labels)) < 0
+
     def __call__(self, x, sigma, class_labels=None):
         B = x.shape[0]
         xf = x.reshape(B, -1).to(self.y.dtype)              # [B, d]
@@ -740,66 +789,71 @@ class OptimalDenoiser:
         # while still separating any two distinct distances.
         inv_var = 1 / (sigma ** 2).clamp_min(torch.finfo(self.y.dtype).tiny ** 0.5)
         inv_var = inv_var.expand(B)[:, None]                # [B, 1]
-        c = self._classes(class_labels, B)                  # [B] or None; -1: no image
+        c = _class_index(class_labels, self.labels, B)      # [B] or None; -1: no image
+        # Online softmax over chunks of the set: memory O(B x chunk), never O(B x N).
         m = xf.new_full((B, 1), -math.inf)                  # running max of the logits
         s = xf.new_zeros(B, 1)                              # running sum of exp(logit - m)
         acc = xf.new_zeros(B, xf.shape[1])                  # running sum of exp(logit - m) y
-        # One [B, chunk] buffer, reused by every chunk and updated in place: peak memory stays
-        # ~B x chunk (a fresh one per chunk would briefly hold two).
-        buf = xf.new_empty(B * min(self.chunk, len(self.y)))
         for j in range(0, len(self.y), self.chunk):
             y, hs = self.y[j:j + self.chunk], self.half_sq[j:j + self.chunk]
-            # The bias and scale go in place: addmm would first copy hs into every row, a pass more.
-            logits = torch.mm(xf, y.T, out=buf[:B * len(y)].view(B, len(y)))
-            logits.sub_(hs).mul_(inv_var)                   # [B, chunk]
+            logits = torch.mm(xf, y.T).sub_(hs).mul_(inv_var)  # [B, chunk]
             if c is not None:
                 other = (c[:, None] != self.labels[None, j:j + self.chunk]) & (c[:, None] >= 0)
                 logits.masked_fill_(other, -math.inf)
             m_new = torch.maximum(m, logits.amax(1, keepdim=True))
             m_safe = m_new.masked_fill(m_new == -math.inf, 0)  # rows with no image of their class yet
             # Weights below the smallest normal float are zero to working precision; flushing them
-            # keeps the matmul off the CPU's slow denormal path (a 20x slowdown at large d).
+            # keeps the matmul off the CPU's slow denormal path (20x slower at CIFAR's d = 3072).
             p = F.threshold_(logits.sub_(m_safe), self.log_tiny, -math.inf).exp_()  # [B, chunk]
             rescale = (m - m_safe).exp()
             s.mul_(rescale).add_(p.sum(1, keepdim=True))
-            acc.mul_(rescale).addmm_(p, y)                 # in place: no [B, d] temporaries
+            acc.mul_(rescale).addmm_(p, y)
             m = m_new
         return acc.div_(s).reshape(B, *self.shape).to(x.dtype)
 
-    def _classes(self, class_labels, B):
-        """Class index per sample [B] (-1 where no training image has it); None when unconditional."""
-        if class_labels is None or self.labels is None:
-            return None
-        c = class_labels.argmax(1) if class_labels.ndim == 2 else class_labels
-        c = c.to(self.labels.device).long().expand(B)
-        return c.masked_fill(self.unseen(c), -1)
+def _moments(y):
+    """Mean mu [d], eigenvectors U [d, d] and eigenvalues lam [d] of the covariance of y [N, d]."""
+    mu = y.mean(0)
+    if len(y) == 1:                                         # no spread: D_G is the image itself
+        return mu, torch.eye(len(mu), dtype=y.dtype, device=y.device), torch.zeros_like(mu)
+    lam, U = torch.linalg.eigh((y - mu).T @ (y - mu) / len(y))  # 1/N: the set's own distribution
+    # Eigenvalues at rounding level are no direction of the data: zero, so sigma -> 0 projects.
+    return mu, U, torch.where(lam > lam.max().clamp_min(0) * len(lam) * 1e-12, lam, 0)
 
-    def unseen(self, class_labels):
-        """Mask [B]: the sample's class has no training image (one-hot rows [B, C] or indices [B])."""
-        c = class_labels.argmax(1) if class_labels.ndim == 2 else class_labels
-        return ~torch.isin(c.to(self.labels.device).long(), self.labels)
+class GaussianDenoiser:
+    """D_G(x [B,...], sigma [B] or float, labels) -> [B,...]: the best affine denoiser of a training set,
+    D_G(x; sigma) = mu + U diag(lam / (lam + sigma^2)) U^T (x - mu) [5, eq. 5], in float64."""
+    def __init__(self, images, labels=None):
+        self.shape = tuple(images.shape[1:])
+        self.y = images.reshape(len(images), -1).double()   # [N, d]
+        self.labels = None if labels is None else labels.to(self.y.device).long()
+        self.label_dim = 0 if labels is None else int(self.labels.max()) + 1
+        self.moments = {}                                   # class (-1: the whole set) -> moments
+
+    def __call__(self, x, sigma, class_labels=None):
+        B = x.shape[0]
+        xf = x.reshape(B, -1).double()                      # [B, d]
+        var = torch.as_tensor(sigma, dtype=torch.float64, device=xf.device).reshape(-1, 1) ** 2
+        var = var.expand(B, 1)
+        c = _class_index(class_labels, self.labels, B)
+        c = torch.full((B,), -1, device=xf.device) if c is None else c
+        out = torch.empty_like(xf)
+        for k in torch.unique(c).tolist():
+            if k not in self.moments:                       # each class's once, when first asked
+                self.moments[k] = _moments(self.y if k < 0 else self.y[self.labels == k])
+            mu, U, lam = self.moments[k]
+            rows = c == k
+            shrink = torch.where(lam > 0, lam / (lam + var[rows]), 0)  # [b, d]; 0/0 at sigma = 0
+            out[rows] = mu + ((xf[rows] - mu) @ U * shrink) @ U.T
+        return out.reshape(B, *self.shape).to(x.dtype)
 
 #----------------------------------------------------------------------------
 # 7. Memorization metric [1, sec. 3]: a sample x is memorized when ||x - NN_1|| < 1/3 ||x - NN_2||,
 # NN_1 and NN_2 its nearest and second-nearest training images (L2 over pixels). The memorization
 # ratio is the fraction of samples memorized; its uncertainty is the Wilson score interval [4].
-
-def _smallest(sq, k, g=8):
-    """The k smallest entries of each row of sq [B, M] -> (values [B, k], column indices [B, k])."""
-    B, M = sq.shape
-    nb = M // g
-    if nb < 128 or sq.device.type != 'cpu' or sq.stride(1) != 1:  # topk is as fast there
-        return sq.topk(k, dim=1, largest=False)
-    # On a CPU topk visits the entries one by one, where amin is vectorised. Columns c, c + nb, ...,
-    # c + (g-1) nb form block c: the k smallest entries lie in the k blocks with the smallest
-    # minima (any other block's minimum is beaten by those k minima), so topk only sees those
-    # k*g columns and the M - g*nb left over.
-    blocks = sq.as_strided((B, g, nb), (sq.stride(0), nb, 1))
-    c = blocks.amin(1).topk(k, dim=1, largest=False).indices  # [B, k]
-    cols = torch.cat([(c[:, :, None] + nb * torch.arange(g)).reshape(B, k * g),
-                      torch.arange(g * nb, M).expand(B, -1)], 1)  # [B, k*g + M - g*nb]
-    v, pos = sq.gather(1, cols).topk(k, dim=1, largest=False)
-    return v, cols.gather(1, pos)
+# Duplicates: a copy of an image that appears twice in the training set has d1 = d2, so the study's
+# mem_ratio.py does not count it. memdiff counts it: a duplicated image is one training image, and
+# the reference set is deduplicated first. score() reports the study's rule beside it.
 
 def nearest_neighbors(samples, reference, k=2, chunk=4096):
     """k nearest references of each sample -> (L2 distances [B, k] ascending, indices [B, k])."""
@@ -811,12 +865,9 @@ def nearest_neighbors(samples, reference, k=2, chunk=4096):
     minus_2x = -2 * x                                       # exact: a power of two
     for j in range(0, N, chunk):
         y = ref[j:j + chunk]
-        # vector_norm reads y once; y.square().sum(1) would write a [chunk, d] temporary first,
-        # which at d = 3072 costs more than the matrix product itself. The bias is added in place:
-        # addmm would first copy it into every row of the output, a pass more.
-        y_sq = torch.linalg.vector_norm(y, dim=1).square_()  # [chunk]
-        sq = torch.mm(minus_2x, y.T).add_(y_sq)             # ||x-y||^2 - ||x||^2: same order
-        sq, i = _smallest(sq, min(k, len(y)))                # [B, k] of this chunk
+        # ||x - y||^2 - ||x||^2 = ||y||^2 - 2 x.y: the same order, one matrix product per chunk.
+        sq = torch.mm(minus_2x, y.T).add_(torch.linalg.vector_norm(y, dim=1).square_())
+        sq, i = sq.topk(min(k, len(y)), dim=1, largest=False)  # [B, k] of this chunk
         if j > 0:                                           # merge with the best so far
             sq, i = torch.cat([best_sq, sq], 1), torch.cat([best_i, i + j], 1)
             sq, pos = sq.topk(min(k, sq.shape[1]), dim=1, largest=False)
@@ -828,14 +879,25 @@ def nearest_neighbors(samples, reference, k=2, chunk=4096):
     dist, order = dist.sort(dim=1)
     return dist, best_i.gather(1, order)
 
+def duplicates(reference):
+    """Number of reference images [N, ...] that have an exact copy elsewhere in the set."""
+    counts = torch.unique(reference.reshape(len(reference), -1), dim=0, return_counts=True)[1]
+    return int(counts[counts > 1].sum())
+
+def nearest_distinct(samples, reference, chunk=4096):
+    """The two nearest *distinct* reference images -> (d1, d2 [B, 2], their first index [B, 2])."""
+    flat = reference.reshape(len(reference), -1)
+    unique, inverse = torch.unique(flat, dim=0, return_inverse=True)
+    if len(unique) < 2:
+        raise ValueError('the memorization metric needs at least 2 distinct reference images')
+    first = torch.full((len(unique),), len(flat), device=flat.device).scatter_reduce_(
+        0, inverse, torch.arange(len(flat), device=flat.device), 'amin')  # first copy of each
+    d, i = nearest_neighbors(samples, unique, k=2, chunk=chunk)
+    return d, first[i]
+
 def memorization_scores(samples, reference, mem_threshold=1/3, chunk=4096):
     """Per-sample d1/d2 [B] and memorized mask [B] (d1/d2 < mem_threshold) against a reference set."""
-    # Exact duplicates in the reference set would give d2 = 0 for a perfect copy of one of them; a
-    # duplicated image is one training image, so the reference set is deduplicated first.
-    reference = torch.unique(reference.reshape(len(reference), -1), dim=0)
-    if len(reference) < 2:
-        raise ValueError('the memorization metric needs at least 2 distinct reference images')
-    d, _ = nearest_neighbors(samples, reference, k=2, chunk=chunk)
+    d = nearest_distinct(samples, reference, chunk)[0]
     d1_d2 = d[:, 0] / d[:, 1]                               # d2 > 0: at most one reference at 0
     return d1_d2, d1_d2 < mem_threshold
 
@@ -865,31 +927,30 @@ REF_IMAGES, REF_BATCH, REF_HALFLIFE = 50_000, 512, 500_000
 
 @dataclass
 class TrainConfig:
-    """How one network is trained; the defaults are the CPU digits setting (README, Defaults)."""
+    """How one network is trained; the defaults are the CPU digits setting (README, Protocol)."""
     precond: str = 'edm'            # 'edm' | 'vp' | 've' (the study's CIFAR-10 runs use 'vp')
     optimizer: str = 'adam'         # 'adam' | 'sgd' (momentum 0.9)
     lr: float = 1e-3
     batch: int = 64                 # global batch, split across ranks
     weight_decay: float = 0.0       # L2 penalty inside the optimizer, as torch's Adam applies it
-    steps: int = 1500               # duration in optimizer steps, unless epochs is set
+    train_steps: int = 1500         # duration in optimizer steps, unless epochs is set
     epochs: float = None            # duration in passes over |D| (the study: 40,000)
-    lr_rampup_epochs: float = 0.0   # linear warm-up (the study: 200 epochs = |D|/5 kimg)
-    ema_mode: str = 'mode1'         # the study's EMA modes (ema_beta below); 'fixed': beta = ema_beta
-    ema_halflife_epochs: float = 10.0  # EMA half-life h (the study: 10 epochs = 0.5 Mimg at 50k)
+    lr_rampup: float = 0.0          # linear warm-up in epochs (the study: 200 epochs = |D|/5 kimg)
+    ema_mode: str = 'mode1'         # the study's EMA modes 1-4 (ema_beta_at), or 'fixed'
+    ema_halflife: float = 10.0      # EMA half-life h in epochs (the study: 10 = 0.5 Mimg at 50k)
     ema_rampup: float = 0.05        # EDM: h is at most this fraction of the images seen so far
     ema_beta: float = 0.99929       # mode4's final beta, or the constant beta of 'fixed'
-    whole_kimg: bool = False        # round ramp-up and half-life down to whole kimg, as train.py did
-    snapshots: int = 3              # snapshots of the EMA network (the last at the end), spaced by
-                                    # snapshot_spacing
-    snapshot_images: int = None     # or one every so many images, counted in EDM's 50k-image ticks
+    whole_kimg: bool = False        # ramp-up and half-life rounded down to whole kimg, as train.py
+    snapshots: int = 3              # EMA snapshots scored, the last at the end
     snapshot_spacing: str = 'linear'  # 'linear' | 'log': geometric from ~1% of the steps to the end
-    amp: bool = False               # bf16 autocast for the network (the study ran fp32)
+    snapshot_images: int = None     # or one every so many images, on EDM's 50k-image ticks
+    precision: str = 'fp32'         # 'fp32' (the study) | 'tf32' | 'bf16' (autocast)
 
     def total_steps(self, n):
         """Optimizer steps for a training set of n images."""
         if self.epochs is not None:
             return max(1, math.ceil(self.epochs * n / self.batch))
-        return self.steps
+        return self.train_steps
 
     def snapshot_steps(self, n):
         """Steps (ascending, the last one final) at which the EMA network is evaluated."""
@@ -909,8 +970,7 @@ class TrainConfig:
             return sorted({round(first * (total / first) ** (k / (S - 1))) for k in range(S - 1)}
                           | {total})
         if self.snapshot_spacing != 'linear':
-            raise ValueError(f"snapshot_spacing must be 'linear' or 'log', got "
-                             f'{self.snapshot_spacing!r}')
+            raise ValueError(f"snapshot_spacing must be 'linear' or 'log', got {self.snapshot_spacing!r}")
         return sorted({round(total * k / S) for k in range(1, S + 1)})
 
     def _images(self, epochs, n):
@@ -919,12 +979,13 @@ class TrainConfig:
 
     def lr_at(self, nimg, n):
         """Learning rate of the step taken after nimg images: lr min(nimg / ramp-up, 1) [2, App. F]."""
-        ramp = self._images(self.lr_rampup_epochs, n)
+        ramp = self._images(self.lr_rampup, n)
         return self.lr * min(nimg / ramp, 1) if ramp > 0 else self.lr  # no ramp-up: lr from step 1
 
     def ema_beta_at(self, nimg, n):
-        """EMA decay beta after the step taken at nimg images (ema = beta ema + (1 - beta) net)."""
-        h = self._images(self.ema_halflife_epochs, n)       # half-life in images
+        """EMA decay beta after the step taken at nimg images (ema = beta ema + (1 - beta) net), as
+        the study's training/training_loop.py computes it in each ema_mode."""
+        h = self._images(self.ema_halflife, n)              # half-life in images
         if self.ema_rampup:
             h = min(h, nimg * self.ema_rampup)
         h = max(h, 1e-8)                                    # h = 0 (the first step): beta = 0
@@ -954,16 +1015,14 @@ def data_order(n, seed):
     # order, so a run with the study's seed sees its images in the study's order.
     return torch.from_numpy(np.random.RandomState(seed).permutation(n))
 
-def train(precond, images, labels=None, cfg=TrainConfig(), seed=0, checkpoint=None, progress=None):
-    """Train precond on images [n,C,H,W] (class indices [n]); yield (step, EMA copy) at each snapshot.
-
-    With `checkpoint` (a path), the full state is saved at every snapshot and a rerun resumes from it.
-    """
+def train(precond, images, labels=None, cfg=TrainConfig(), seed=0, resume=None, progress=None):
+    """Train precond on images [n,C,H,W] (class indices [n]); yield (step, EMA copy, state) at each
+    snapshot. state() is everything `resume` needs to continue exactly from that step: call it
+    before the next iteration (under torchrun on every rank; it gathers their random streams)."""
     rank, world = dist_info()
     if cfg.batch % world:
         raise ValueError(f'batch {cfg.batch} is not divisible by the {world} processes')
-    device = images.device
-    n = len(images)
+    device, n = images.device, len(images)
     total, snaps = cfg.total_steps(n), cfg.snapshot_steps(n)
     ema = copy.deepcopy(precond).eval().requires_grad_(False)
     params = [p for p in precond.parameters() if p.requires_grad]
@@ -979,17 +1038,16 @@ def train(precond, images, labels=None, cfg=TrainConfig(), seed=0, checkpoint=No
     order = data_order(n, seed).to(device)
     g_noise = torch.Generator(device=device).manual_seed(seed * 1000 + 1 + rank)
     step = 0
-    if checkpoint is not None and os.path.exists(checkpoint):
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
-        precond.load_state_dict(state['net'])
-        ema.load_state_dict(state['ema'])
-        opt.load_state_dict(state['opt'])
-        rng = state['rng'][rank] if rank < len(state['rng']) else state['rng'][0]
+    if resume is not None:
+        precond.load_state_dict(resume['net'])
+        ema.load_state_dict(resume['ema'])
+        opt.load_state_dict(resume['opt'])
+        rng = resume['rng'][rank] if rank < len(resume['rng']) else resume['rng'][0]
         g_noise.set_state(rng['noise'])
-        torch.set_rng_state(rng['torch'])
+        torch.set_rng_state(rng['torch'])                   # dropout draws from the global stream
         if rng['cuda'] is not None and device.type == 'cuda':
             torch.cuda.set_rng_state(rng['cuda'], device)
-        step = state['step']
+        step = resume['step']
     model = precond
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -997,6 +1055,14 @@ def train(precond, images, labels=None, cfg=TrainConfig(), seed=0, checkpoint=No
     loss_fn = LOSSES[precond.kind]
     ema_params, net_params = list(ema.parameters()), list(precond.parameters())
     bad = torch.full((), -1, device=device)             # first step with a non-finite loss
+
+    def state(step):
+        rng = _gather_states(dict(noise=g_noise.get_state(), torch=torch.get_rng_state(),
+                                  cuda=torch.cuda.get_rng_state(device)
+                                  if device.type == 'cuda' else None))
+        return dict(net=precond.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), rng=rng,
+                    step=step)
+
     precond.train()
     while step < total:
         nimg = step * cfg.batch                             # images seen before this step
@@ -1007,15 +1073,13 @@ def train(precond, images, labels=None, cfg=TrainConfig(), seed=0, checkpoint=No
         # is seen once per epoch; rank r takes entries r, r + world, ... as EDM's sampler deals them.
         idx = order[(nimg + torch.arange(rank, cfg.batch, world, device=device)) % n]
         y, c = images[idx], None if labels is None else labels[idx]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == 'bf16'):
             loss = loss_fn(model, y, c, generator=g_noise, **precond.loss_constants()).mean()
         # Checked at the snapshots only: reading it every step would stall a GPU's queue.
         bad = torch.where((bad < 0) & ~loss.detach().isfinite(), step + 1, bad)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        # As EDM: nan -> 0, +-inf -> +-1e5. The loop is 1-2% of a step on a CPU; checking the
-        # gradients' finiteness first costs as much (README, Benchmarks), so every step runs it.
-        for p in params:
+        for p in params:                                    # as EDM: nan -> 0, +-inf -> +-1e5
             if p.grad is not None:
                 torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
         opt.step()
@@ -1026,24 +1090,11 @@ def train(precond, images, labels=None, cfg=TrainConfig(), seed=0, checkpoint=No
         step += 1
         if progress is not None:
             progress('train', step, total)
-
         if step in snaps:
             if bad >= 0:
                 raise ValueError(f'training diverged: the loss is NaN or infinite at step '
                                  f'{int(bad)} of {total} (|D| = {n}); lower the learning rate')
-            yield step, ema
-            # Saved once the caller has scored this snapshot, so an interruption while sampling
-            # repeats that snapshot instead of skipping it. Every random stream is saved (dropout
-            # draws from torch's global one): a resumed run continues exactly.
-            if checkpoint is not None:
-                rng = _gather_states(dict(noise=g_noise.get_state(), torch=torch.get_rng_state(),
-                                          cuda=torch.cuda.get_rng_state(device)
-                                          if device.type == 'cuda' else None))
-                if rank == 0:
-                    tmp = f'{checkpoint}.tmp'               # write, then rename: never half a file
-                    torch.save(dict(net=precond.state_dict(), ema=ema.state_dict(),
-                                    opt=opt.state_dict(), rng=rng, step=step), tmp)
-                    os.replace(tmp, checkpoint)
+            yield step, ema, lambda step=step: state(step)
     precond.eval()
 
 def _gather_states(state):
@@ -1060,7 +1111,7 @@ def _gather_states(state):
 # 9. Measurement and EMM search [1, sec. 3, eq. 5]. The memorization ratio of one training-set size:
 # train, and at each snapshot sample with the EMA network from the study's seeds, round to the 8-bit
 # grid as the study wrote its samples, and score them against the training set; the size's ratio is
-# the highest over its snapshots. EMM_eps = max{ |D| : ratio >= 1 - eps }, searched by doubling and
+# the highest over its snapshots. EMM_eps = max{ |D| : E[R] >= 1 - eps }, searched by doubling and
 # bisection.
 
 @dataclass
@@ -1070,36 +1121,35 @@ class EMMConfig:
     resolution: int = None          # down-sample to this resolution (Pillow's LANCZOS on uint8)
     classes: int = None             # keep the first C classes
     labels: str = 'none'            # 'none' | 'true' | 'random:C' | 'unique'
-    arch: str = 'ddpmpp'
-    channels: int = 16
+    arch: str = 'ddpmpp'            # 'ddpmpp' | 'ncsnpp' U-Net, or 'optimum': the closed form D*
+    model_channels: int = 16
     channel_mult: tuple = (1, 2)
-    blocks: int = 1
-    attn: tuple = (4,)
-    skips: tuple = None
-    embedding: str = None
+    num_blocks: int = 1
+    attn_resolutions: tuple = None  # None: half the image resolution, the study's placement
+    skips: tuple = None             # one 0/1 per encoder skip; None: all on
+    embedding: str = None           # 'positional' | 'fourier'; None: the arch's own
     dropout: float = 0.0
     train: TrainConfig = field(default_factory=TrainConfig)
     samples: int = 1000             # generated samples per snapshot, seeds 0..samples-1 (the study: 10k)
     num_steps: int = 18             # Heun steps: 35 network evaluations
     threshold: float = 0.9          # 1 - eps, eps = 0.1: the EMM's memorization ratio
     mem_threshold: float = 1 / 3    # d1/d2 below this: a sample is memorized
-    optimum: bool = False           # score the closed-form optimum instead of a trained network
     seed: int = 0                   # training: initial weights, data order, noise
 
+    @property
+    def optimum(self):
+        return self.arch == 'optimum'
+
     def to_dict(self):
-        d = json.loads(json.dumps(asdict(self)))           # tuples -> lists, as read back from JSON
-        # Linear spacing is what every record made before snapshot_spacing existed used: left out,
-        # those records (and their folder hashes) still match their configuration.
-        if d['train'].get('snapshot_spacing') == 'linear':
-            del d['train']['snapshot_spacing']
-        return d
+        return json.loads(json.dumps(asdict(self)))        # tuples -> lists, as read back from JSON
 
 def build_network(cfg, shape, label_dim):
     """The U-Net and its preconditioning for images of shape (C, H, W)."""
     C, H, _ = shape
-    net = UNet(H, C, C, label_dim=label_dim, model_channels=cfg.channels,
-               channel_mult=tuple(cfg.channel_mult), num_blocks=cfg.blocks,
-               attn_resolutions=tuple(cfg.attn), dropout=cfg.dropout, arch=cfg.arch,
+    attn = (H // 2,) if cfg.attn_resolutions is None else tuple(cfg.attn_resolutions)
+    net = UNet(H, C, C, label_dim=label_dim, model_channels=cfg.model_channels,
+               channel_mult=tuple(cfg.channel_mult), num_blocks=cfg.num_blocks,
+               attn_resolutions=attn, dropout=cfg.dropout, arch=cfg.arch,
                embedding=cfg.embedding, skips=cfg.skips)
     return Precond(net, kind=cfg.train.precond)
 
@@ -1126,7 +1176,7 @@ def study_latents(seeds, shape, label_dim, device):
 def generate(denoise, num, shape, label_dim, device, num_steps=18, batch=1000, progress=None):
     """Samples [num,C,H,W] of seeds 0..num-1 and their classes [num] (or None); ranks split each batch."""
     rank, world = dist_info()
-    xs, cs = [], []
+    sigma_min, sigma_max = sigma_range(denoise)             # the counting wrapper declares none
     if progress is not None:                                # count network evaluations for a bar
         total, calls, inner = math.ceil(num / batch) * (2 * num_steps - 1), [0], denoise
 
@@ -1134,13 +1184,13 @@ def generate(denoise, num, shape, label_dim, device, num_steps=18, batch=1000, p
             calls[0] += 1
             progress('sample', calls[0], total)
             return inner(x, sigma, labels)
+    xs, cs = [], []
     for start in range(0, num, batch):
         seeds = list(range(start, min(start + batch, num)))
         z, c = study_latents(seeds[rank::world], shape, label_dim, device)
-        x = edm_sampler(denoise, z, c, num_steps=num_steps) if len(z) else z
+        x = edm_sampler(denoise, z, c, num_steps, sigma_min, sigma_max) if len(z) else z
         xs.append(_gather_rows(x.to(torch.float32), len(seeds)))
-        if c is not None:
-            cs.append(_gather_rows(c, len(seeds)))
+        cs += [] if c is None else [_gather_rows(c, len(seeds))]
     return torch.cat(xs), (torch.cat(cs) if label_dim else None)
 
 def _gather_rows(x, total):
@@ -1155,177 +1205,195 @@ def _gather_rows(x, total):
     return torch.stack(parts, 1).reshape(-1, *x.shape[1:])[:total]
 
 def score(samples, y, mem_threshold=1/3):
-    """Memorization of samples [B,...] against the training set y -> (dict(ratio, ci), d1/d2 [B])."""
+    """Memorization of samples [B,...] against the training set y [n,...] -> (dict(ratio, ci, and
+    ratio_study, duplicates when y holds copies), per sample dict(d1, d2 [B], index [B, 2] into y))."""
     B = len(samples)
-    if B == 0:
-        raise ValueError('score needs at least one sample')
-    if not torch.isfinite(samples).all():
+    if B == 0 or not torch.isfinite(samples).all():
         raise ValueError(f'{int((~torch.isfinite(samples.flatten(1))).any(1).sum())} of {B} '
-                         'samples are NaN or infinite')
+                         'samples are NaN or infinite' if B else 'score needs at least one sample')
     # Under torchrun each rank searches the nearest neighbours of its rows [rank::world] only; the
-    # gathered d1/d2 are the same on every rank, so every rank reaches the same next size.
+    # gathered distances are the same on every rank, so every rank reaches the same next size.
     rank, world = dist_info()
-    d1_d2 = memorization_scores(quantize_uint8(samples[rank::world]), y, mem_threshold)[0]
-    d1_d2 = _gather_rows(d1_d2, B)
-    k = int((d1_d2 < mem_threshold).sum())
-    return dict(ratio=k / B, ci=list(wilson_interval(k, B))), d1_d2
+    x = quantize_uint8(samples[rank::world])
+    d, index = (_gather_rows(t, B) for t in nearest_distinct(x, y))
+    k = int((d[:, 0] / d[:, 1] < mem_threshold).sum())
+    out = dict(ratio=k / B, ci=list(wilson_interval(k, B)))
+    if duplicates(y):                                       # the study's rule, without deduplication
+        d_study = _gather_rows(nearest_neighbors(x, y, k=2)[0], B)
+        out.update(ratio_study=int((d_study[:, 0] / d_study[:, 1] < mem_threshold).sum()) / B,
+                   duplicates=duplicates(y))
+    return out, dict(d1=d[:, 0], d2=d[:, 1], index=index)
 
-def optimum_agreement(samples, optimum_samples, y):
-    """Fraction of samples [B,...] whose nearest training image (of y [n,...]) is the nearest one of
-    the optimum's sample from the same latent and class, optimum_samples [B,...]."""
-    # Zhang et al. (ICML 2024) find trained U-Nets agree with the optimum on about half the seeds
-    # at n = 64 on CIFAR-10. Images are compared, not indices: a duplicated training image is one.
-    i = nearest_neighbors(quantize_uint8(samples), y, k=1)[1][:, 0]            # [B]
-    j = nearest_neighbors(quantize_uint8(optimum_samples), y, k=1)[1][:, 0]    # [B]
-    same = (y[i] == y[j]).flatten(1).all(1)                                    # [B]
-    return same.double().mean().item()
+# Probes: which closed form does the network follow [5, 6]? At every snapshot the EMA network, D*
+# and D_G denoise the same fixed inputs: noisy training images and held-out images (the last of each
+# class, which the first-k rule leaves out), at PROBE_SIGMAS levels log-spaced over the sampler's
+# range, with noise drawn once from PROBE_SEED, the same for every snapshot and size. Per level:
+#   the loss lambda(sigma) ||D(y + sigma n) - y||^2 on training and on held-out images;
+#   the network's RMS distance per pixel to D* and to D_G over all probe inputs.
+# Each is averaged over the levels with the density p(sigma) with which the loss draws them, and
+# the optimum share is s = d(net, D_G) / (d(net, D*) + d(net, D_G)) of those averages: 1 when the
+# network is D*, 0 when it is D_G. The distances compare clean-image estimates, in pixel units at
+# every level, so lambda does not enter them; a level where D* and D_G coincide (large sigma) adds
+# little to either, where a ratio per level would be 0/0 there.
+PROBE_IMAGES, PROBE_SIGMAS, PROBE_SEED = 64, 16, 0  # images a side (about), noise levels, seed
 
-def best_point(n, snapshots, threshold=0.9):
-    """A size's point: the snapshot with the highest ratio (the study keeps the highest), and the
-    onset of memorization tau_mem with its bracket (tau_mem below)."""
-    best = max(snapshots, key=lambda s: s['ratio'])
-    tau, bracket = tau_mem(snapshots, threshold)
-    point = dict(size=n, ratio=best['ratio'], ci=best['ci'], best_step=best['step'],
-                 tau_mem=tau, tau_bracket=bracket, snapshots=snapshots)
-    if 'optimum_agreement' in best:
-        point['optimum_agreement'] = best['optimum_agreement']
-    return point
+def probe_set(images, labels, n, cfg):
+    """Fixed probe inputs of size n -> dict(y [P,C,H,W], held [P] bool, labels [P] or None,
+    noise [P, PROBE_SIGMAS, C, H, W]); each slot keeps its noise across sizes."""
+    y, c, label_dim = training_set(images, labels, n, cfg)
+    mine = torch.linspace(0, n - 1, min(n, PROBE_IMAGES)).round().long()  # spread over the classes
+    other = held_out(labels if labels is not None else len(images), n, PROBE_IMAGES)
+    g = torch.Generator().manual_seed(PROBE_SEED)
+    noise = torch.randn([2, max(PROBE_IMAGES, len(other)), PROBE_SIGMAS, *images.shape[1:]],
+                        generator=g)
+    probes = dict(y=torch.cat([y[mine], images[other]]), labels=None,
+                  held=torch.arange(len(mine) + len(other)) >= len(mine),
+                  noise=torch.cat([noise[0, :len(mine)], noise[1, :len(other)]]))
+    if label_dim:                                           # held out: true class, else the sampler's
+        drawn = torch.randint(label_dim, [len(other)], generator=g)
+        probes['labels'] = torch.cat([c[mine], labels[other] if cfg.labels == 'true' else drawn])
+    return probes
 
-def measure(images, labels, n, cfg, device=torch.device('cpu'), checkpoint=None, done=(),
-            on_snapshot=None, progress=None):
-    """Memorization of the training set of size n -> point dict (every snapshot, the best one's ratio).
+@torch.no_grad()
+def probe(precond, probes, optimum, gaussian, sigma_min=0.002, sigma_max=80):
+    """precond against D* and D_G on the probe inputs -> dict(share, loss_train, loss_held, gap,
+    dist_opt, dist_gauss, probe=dict of sigma, weight and the same per level [PROBE_SIGMAS])."""
+    lo, hi = sigma_range(precond, sigma_min, sigma_max)
+    sigma = torch.logspace(math.log10(lo), math.log10(hi), PROBE_SIGMAS, dtype=torch.float64)
+    y, held, c = probes['y'], probes['held'], probes['labels']
+    rows = collections.defaultdict(list)
+    for k, s in enumerate(sigma.tolist()):
+        x = y + s * probes['noise'][:, k]                   # [P, C, H, W]
+        D = precond(x, s, c).double()
+        lam = (s ** 2 + precond.sigma_data ** 2) / (s * precond.sigma_data) ** 2 \
+            if precond.kind == 'edm' else 1 / s ** 2        # lambda(sigma) [2, Table 1]
+        loss = lam * (D - y.double()).flatten(1).square().sum(1)  # [P]
+        rows['loss_train'].append(loss[~held].mean().item())
+        rows['loss_held'].append(loss[held].mean().item() if held.any() else math.nan)
+        for name, closed in (('dist_opt', optimum), ('dist_gauss', gaussian)):
+            rows[name].append((D - closed(x.double(), s, c)).square().mean().sqrt().item())
+    p = sigma_density(precond, sigma).tolist()
 
-    `done` holds snapshots already scored (a resumed size; `checkpoint` is train's state file);
-    on_snapshot(snapshot, samples [B,C,H,W], y [n,C,H,W]) is called after each new one.
-    """
+    def mean(values):                                       # weighted by p over finite values
+        pairs = [(w, v) for w, v in zip(p, values) if math.isfinite(v)]
+        return sum(w * v for w, v in pairs) / sum(w for w, _ in pairs) if pairs else None
+    out = {k: mean(rows[k]) for k in ('loss_train', 'loss_held', 'dist_opt', 'dist_gauss')}
+    total = out['dist_opt'] + out['dist_gauss']
+    out.update(share=out['dist_gauss'] / total if total > 0 else None,
+               gap=None if out['loss_held'] is None else out['loss_held'] - out['loss_train'])
+    rows = {k: [v if math.isfinite(v) else None for v in vs] for k, vs in rows.items()}
+    return dict(out, probe=dict(sigma=sigma.tolist(), weight=[w / sum(p) for w in p], **rows))
+
+def measure(images, labels, n, cfg, device=torch.device('cpu'), resume=None, progress=None):
+    """Memorization of the training set of size n -> yields (snapshot, samples, state) at each
+    snapshot: snapshot = dict(step, ratio, ci (, ratio_study, duplicates; unconditional for the
+    optimum), and the probe's share, losses, gap); samples = dict(samples [B,C,H,W], classes [B],
+    d1, d2, index: score's); state and resume as in train() (the optimum: one snapshot at step 0)."""
     y, c, label_dim = training_set(images, labels, n, cfg)
     y, c = y.to(device), None if c is None else c.to(device)
-    shape = tuple(y.shape[1:])
-    snapshots = list(done)
-    optimum = []                                            # the optimum's samples, drawn once
+    optimum, gaussian = OptimalDenoiser(y.double(), c), GaussianDenoiser(y, c)
+    probes = {k: v if v is None else v.to(device) for k, v in probe_set(images, labels, n, cfg).items()}
 
     def evaluate(denoise, step):
-        x, cx = generate(denoise, cfg.samples, shape, label_dim, device, cfg.num_steps,
+        x, cx = generate(denoise, cfg.samples, tuple(y.shape[1:]), label_dim, device, cfg.num_steps,
                          progress=progress)
         try:
-            s, _ = score(x, y, cfg.mem_threshold)
+            summary, scores = score(x, y, cfg.mem_threshold)
         except ValueError as e:
             raise ValueError(f'sampling diverged at step {step} (|D| = {n}): {e}') from None
-        s = dict(step=step, **s)
+        snapshot = dict(step=step, **summary)
         if cfg.optimum and c is not None:                   # samples of a class with no image
-            s['unconditional'] = int(denoise.unseen(cx).sum())
+            snapshot['unconditional'] = int(optimum.unseen(cx).sum())
         if not cfg.optimum:
-            # Agreement with the closed-form optimum sampled from the same seeds: one more
-            # sampling per size, then a nearest-neighbour search per snapshot.
-            if not optimum:
-                optimum.append(generate(OptimalDenoiser(y.double(), c), cfg.samples, shape,
-                                        label_dim, device, cfg.num_steps)[0])
-            s['optimum_agreement'] = optimum_agreement(x, optimum[0], y)
-        snapshots.append(s)
-        if on_snapshot is not None:
-            on_snapshot(s, x, y)
+            snapshot.update(probe(denoise, probes, optimum, gaussian))
+        return snapshot, dict(samples=x, classes=cx, **scores)
 
     if cfg.optimum:
-        if not snapshots:
-            evaluate(OptimalDenoiser(y.double(), c), 0)
-    else:
-        # Initial weights and dropout masks come from torch's global generator: seed it, inside a
-        # fork so that the caller's random state is left as it was.
-        with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
-            torch.manual_seed(cfg.seed)
-            precond = build_network(cfg, shape, label_dim).to(device)
-            seen = {s['step'] for s in snapshots}
-            for step, ema in train(precond, y, c, cfg.train, seed=cfg.seed, checkpoint=checkpoint,
-                                   progress=progress):
-                if step not in seen:
-                    evaluate(ema, step)
-    return best_point(n, snapshots, cfg.threshold)
+        yield *evaluate(optimum, 0), None
+        return
+    # Initial weights and dropout masks come from torch's global generator: seed it, inside a
+    # fork so that the caller's random state is left as it was.
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+        torch.manual_seed(cfg.seed)
+        precond = build_network(cfg, tuple(y.shape[1:]), label_dim).to(device)
+        for step, ema, state in train(precond, y, c, cfg.train, cfg.seed, resume, progress):
+            yield *evaluate(ema, step), state
+
+def best_point(n, snapshots, threshold=0.9):
+    """A size's point: its best snapshot's ratio (the study keeps the highest), share and gap, and
+    the onset of memorization tau_mem with its bracket (tau_mem below)."""
+    best = max(snapshots, key=lambda s: s['ratio'])
+    tau, bracket = tau_mem(snapshots, threshold)
+    return dict(size=n, ratio=best['ratio'], ci=best['ci'], best_step=best['step'], tau_mem=tau,
+                tau_bracket=bracket, snapshots=snapshots,
+                **{k: best[k] for k in ('ratio_study', 'share', 'gap') if k in best})
+
+def crossing(passing, failing, threshold=0.9):
+    """The size where the ratio crosses threshold, linear between passing and failing (size, ratio)."""
+    (n0, r0), (n1, r1) = passing, failing
+    return n0 + (r0 - threshold) / (r0 - r1) * (n1 - n0)
 
 def find_emm(ratio_at, lo, hi, threshold=0.9, step=1, tolerance=0.0, known=None):
-    """Largest size in [lo, hi] (multiples of step) with ratio_at(n) >= threshold: double, then bisect.
-
-    ratio_at(n) -> float is called at most once per size (sizes in `known`, a dict {n: ratio}, never);
-    bisection stops when the bracket is one step wide or narrower than tolerance * its lower end.
-    Returns dict(emm, crossing, status, evaluated [(n, ratio), ...] in the order of the search).
-    """
+    """EMM_eps = max{N : E[R] >= 1 - eps} [1, eq. 5], threshold = 1 - eps: the largest size in
+    [lo, hi] (multiples of step) with ratio_at(n) >= threshold, by doubling from lo, then bisection
+    until the bracket is one step wide or narrower than tolerance * its lower end. ratio_at is called
+    at most once per size (never for sizes in `known`, a dict {n: ratio}).
+    Returns dict(emm, crossing, status, evaluated [(n, ratio), ...] in the order of the search)."""
     if not (step >= 1 and lo >= step and hi >= lo):
         raise ValueError(f'need 1 <= step <= lo <= hi, got step={step}, lo={lo}, hi={hi}')
     lo, hi = math.ceil(lo / step) * step, hi // step * step
     if lo > hi:
         raise ValueError(f'no size in the range is a multiple of the step {step}')
-    known = dict(known or {})
-    evaluated = []
+    known, evaluated = dict(known or {}), []
 
-    def r(n):
+    def passes(n):
         if n not in known:
             known[n] = float(ratio_at(n))
         evaluated.append((n, known[n]))
-        return known[n]
+        return known[n] >= threshold
 
-    # Doubling: find a failing size above a passing one.
-    passing, failing = None, None
-    n = lo
-    while True:
-        if r(n) >= threshold:
-            passing = n
-            if n == hi:
-                break
-            n = min(2 * n, hi)
-        else:
-            failing = n
-            break
-    # Bisection between the last passing and the first failing size.
+    passing, failing, n = None, None, lo
+    while failing is None and passing != hi:                # doubling: a failing size above a pass
+        passing, failing = (n, None) if passes(n) else (passing, n)
+        n = min(2 * n, hi)
     while passing is not None and failing is not None and failing - passing > step \
-            and failing - passing > tolerance * passing:
+            and failing - passing > tolerance * passing:   # bisection of the bracket
         mid = (passing + failing) // 2 // step * step
         if mid <= passing:
             break
-        if r(mid) >= threshold:
-            passing = mid
-        else:
-            failing = mid
+        passing, failing = (mid, failing) if passes(mid) else (passing, mid)
     if passing is None:
-        status, crossing = f'below range: the ratio at the smallest size {lo} is under {threshold}', None
+        status, cross = f'below range: the ratio at the smallest size {lo} is under {threshold}', None
     elif failing is None:
-        status, crossing = f'above range: every size up to {hi} memorizes (EMM >= {hi})', None
+        status, cross = f'above range: every size up to {hi} memorizes (EMM >= {hi})', None
     else:
-        rp, rf = known[passing], known[failing]
-        crossing = passing + (rp - threshold) / (rp - rf) * (failing - passing)
         status = 'bracketed'
-    return dict(emm=passing, crossing=crossing, status=status, evaluated=evaluated)
+        cross = crossing((passing, known[passing]), (failing, known[failing]), threshold)
+    return dict(emm=passing, crossing=cross, status=status, evaluated=evaluated)
 
 def summarize(points, threshold=0.9):
-    """EMM (largest passing size measured) and the interpolated crossing from a list of point dicts."""
+    """EMM (largest passing size measured) and the crossing to the next size measured, of point dicts."""
     pts = sorted((p['size'], p['ratio']) for p in points)
-    passing = [n for n, r in pts if r >= threshold]
-    if not passing:
-        return dict(emm=None, crossing=None)
-    emm = max(passing)
-    above = [(n, r) for n, r in pts if n > emm]
-    if not above:
-        return dict(emm=emm, crossing=None)
-    rp, (nf, rf) = dict(pts)[emm], above[0]
-    return dict(emm=emm, crossing=emm + (rp - threshold) / (rp - rf) * (nf - emm))
+    passing = [(n, r) for n, r in pts if r >= threshold]
+    above = [(n, r) for n, r in pts if passing and n > passing[-1][0]]
+    return dict(emm=passing[-1][0] if passing else None,
+                crossing=crossing(passing[-1], above[0], threshold) if above else None)
 
-# Memorization over training time. Bonnaire, Urfin, Biroli and Mezard (NeurIPS 2025) measure the
-# same d1/d2 < 1/3 memorization and find that its onset tau_mem grows linearly with |D|
-# (tau_mem ~ 300 |D| steps for their width-32 U-Net under SGD, tau_mem ~ |D| / W across widths W):
-# a budget below tau_mem(|D|) measures the budget, not the model. tau_mem is read off the snapshots
-# of one size, and the law tau_mem = a |D|^b is fitted across sizes.
+# Memorization over training time. Bonnaire, Urfin, Biroli and Mezard [7] measure the same
+# d1/d2 < 1/3 memorization and find that its onset tau_mem grows linearly with |D| (tau_mem ~ |D| / W
+# across widths W): a budget below tau_mem(|D|) measures the budget, not the model. tau_mem is read
+# off the snapshots of one size, and the law tau_mem = a |D|^b is fitted across sizes.
 
 def tau_mem(snapshots, threshold=0.9):
-    """Onset of memorization of one size's snapshots [{step, ratio}] -> (tau, [step_below, step_above]).
-
-    tau is the step at which the ratio first reaches threshold, linear in log(step) between the two
-    bracketing snapshots. When the first snapshot already passes, tau is its step (an upper bound)
-    and the bracket is [0, step]; when no snapshot passes, (None, None).
-    """
+    """Onset of memorization of one size's snapshots [{step, ratio}] -> (tau, [step_below, step_above]):
+    the step at which the ratio first reaches threshold, linear in log(step) between the snapshots
+    that bracket it; the first snapshot's step (an upper bound, bracket [0, step]) when that one
+    passes already; (None, None) when none passes."""
     pts = sorted((s['step'], s['ratio']) for s in snapshots)
-    for k, (step, ratio) in enumerate(pts):
-        if ratio >= threshold:
-            break
-    else:
+    k = next((k for k, (_, ratio) in enumerate(pts) if ratio >= threshold), None)
+    if k is None:
         return None, None
+    step, ratio = pts[k]
     if k == 0 or pts[k - 1][0] <= 0:                        # no snapshot below it (or at step 0)
         return float(step), [pts[k - 1][0] if k else 0, step]
     s0, r0 = pts[k - 1]                                     # r0 < threshold <= ratio
@@ -1335,34 +1403,25 @@ def tau_mem(snapshots, threshold=0.9):
 
 def fit_power_law(sizes, taus):
     """Least squares of log tau = log a + b log |D| -> (a, b); needs two distinct sizes."""
-    x, y = np.log(np.asarray(sizes, float)), np.log(np.asarray(taus, float))
-    b, log_a = np.polyfit(x, y, 1)
+    b, log_a = np.polyfit(np.log(np.asarray(sizes, float)), np.log(np.asarray(taus, float)), 1)
     return float(math.exp(log_a)), float(b)
 
 def _onset(snapshots, threshold):
-    """tau_mem of one size's snapshots when a snapshot below the threshold brackets it, else None
-    (never reached, or already reached at the first snapshot: an upper bound, not an onset)."""
+    """tau_mem when a snapshot below the threshold brackets it, else None (an upper bound, or never)."""
     tau, bracket = tau_mem(snapshots, threshold)
     return tau if tau is not None and bracket[0] > 0 else None
 
 def tau_law(points, samples, threshold=0.9, replicates=1000, generator=None):
     """tau_mem = a |D|^b over the sizes with a bracketed tau_mem -> dict(exponent, ci, prefactor,
-    sizes), or None.
-
-    The exponent b is fitted by least squares in log-log; its 95% interval comes from a parametric
-    bootstrap of the snapshots' binomial noise: every snapshot's ratio is redrawn as
-    Binomial(samples, ratio) / samples, tau_mem is recomputed per size and the law refitted; the
-    interval is the 2.5% and 97.5% quantiles of the refitted b over the replicates that keep two
-    sizes with a bracketed tau_mem. A size whose first snapshot already passes has only an upper
-    bound and is left out. Needs two distinct sizes with a bracketed tau_mem > 0.
-    """
+    sizes, replicates), or None with fewer than two such sizes. b is fitted by least squares in
+    log-log; its 95% interval is the 2.5% and 97.5% quantiles of b refitted on replicates whose
+    snapshot ratios are redrawn as Binomial(samples, ratio) / samples (those that keep two sizes)."""
     kept = [(p, tau) for p in points if (tau := _onset(p['snapshots'], threshold))]
     sizes = [p['size'] for p, _ in kept]
     if len(set(sizes)) < 2:
         return None
     a, b = fit_power_law(sizes, [tau for _, tau in kept])
-    # Bootstrap: redraw every snapshot ratio of every size at once.
-    redrawn = []
+    redrawn = []                                            # every snapshot of every size at once
     for p, _ in kept:
         steps = [s['step'] for s in p['snapshots']]
         prob = torch.tensor([s['ratio'] for s in p['snapshots']], dtype=torch.float64)
@@ -1378,10 +1437,6 @@ def tau_law(points, samples, threshold=0.9, replicates=1000, generator=None):
             bs.append(fit_power_law(*zip(*fit))[1])
     ci = [float(np.quantile(bs, 0.025)), float(np.quantile(bs, 0.975))] if bs else None
     return dict(exponent=b, ci=ci, prefactor=a, sizes=sizes, replicates=len(bs))
-
-def tau_budget(law, n):
-    """Training steps at which a size n reaches the threshold under the law a n^b."""
-    return law['prefactor'] * n ** law['exponent']
 
 #----------------------------------------------------------------------------
 # Appendix: reading the study's snapshots. The study's training loop (EDM's) pickles
@@ -1474,8 +1529,9 @@ def _record_tensors(record, prefix=''):
             out.update(_record_tensors(child, f'{prefix}{name}.'))
     return out
 
-def _edm_state_to_memdiff(state):
-    """EDM SongUNet state_dict -> memdiff UNet state_dict: names, and q, k, v de-interleaved."""
+
+def _edm_names(state):
+    """EDM SongUNet state_dict -> the same tensors under memdiff's UNet names (no copy)."""
     out = {}
     for name, t in state.items():
         parts = name.split('.')
@@ -1491,22 +1547,47 @@ def _edm_state_to_memdiff(state):
             head = {'aux_residual': ['aux', res], 'aux_norm': ['out_norm'],
                     'aux_conv': ['out_conv']}.get(layer, [parts[0], f'{res}_{layer}'])
             parts = head + parts[2:]
-        if parts[-2:-1] == ['qkv']:                     # EDM: channel 3c + j holds q/k/v (j) of c
-            C = t.shape[0] // 3
-            t = t.reshape(C, 3, *t.shape[1:]).transpose(0, 1).reshape(t.shape)  # -> [q; k; v]
         out['.'.join(parts)] = t
     return out
 
-def _load_edm_state(net, state, source):
-    """Copy an EDM SongUNet state_dict into memdiff's UNet, every tensor accounted for."""
-    state = _edm_state_to_memdiff(state)
-    own = net.state_dict()
-    optional = {'freqs'} if net.embedding == 'positional' else set()  # EDM computes them on the fly
+# What a network file may declare before anything is built: far above the study's networks.
+_UNET_BOUNDS = dict(img_resolution=4096, in_channels=64, out_channels=64, label_dim=10 ** 6,
+                    model_channels=4096, num_blocks=64)
+
+def _unet_from_state(config, state, source, edm=False):
+    """memdiff's UNet(**config) holding the tensors of state (EDM's q, k, v layout when edm).
+
+    The network is first built on the meta device, which allocates nothing, and every stored tensor
+    is compared with it, shape and storage: a file can only make memdiff allocate what it holds.
+    """
+    if not isinstance(config, dict) or not isinstance(state, dict):
+        _fail(source, 'the network is stored without its U-Net arguments and tensors')
+    for key, bound in _UNET_BOUNDS.items():
+        value = config.get(key, 0)
+        if not isinstance(value, int) or not 0 <= value <= bound:
+            _fail(source, f'U-Net argument {key}={value!r} is outside 0..{bound}')
+    mult = config.get('channel_mult', ())
+    if not isinstance(mult, (list, tuple)) or len(mult) > 16 \
+            or not all(isinstance(m, int) and 1 <= m <= 64 for m in mult):
+        _fail(source, f'U-Net argument channel_mult={mult!r} is not 1..16 whole numbers in 1..64')
+    try:
+        with torch.device('meta'):
+            own = UNet(**config).state_dict()
+    except (TypeError, ValueError) as e:
+        _fail(source, f'U-Net arguments memdiff cannot build: {e}')
+    optional = {'freqs'} if edm and config.get('embedding') == 'positional' else set()  # computed
     missing, unexpected = set(own) - set(state) - optional, set(state) - set(own)
-    bad = [k for k in set(state) & set(own) if state[k].shape != own[k].shape]
-    if missing or unexpected or bad:
-        _fail(source, f'the stored network does not fit memdiff\'s U-Net: missing {sorted(missing)}, '
-              f'unexpected {sorted(unexpected)}, wrong shapes {sorted(bad)}')
+    wrong = sorted(k for k in set(state) & set(own) if not isinstance(state[k], torch.Tensor)
+                   or state[k].shape != own[k].shape or state[k].dtype.is_complex
+                   or state[k].numel() * state[k].element_size() > state[k].untyped_storage().nbytes())
+    if missing or unexpected or wrong:
+        _fail(source, f"the stored network does not fit memdiff's U-Net: missing {sorted(missing)}, "
+              f'unexpected {sorted(unexpected)}, wrong shape, type or storage {wrong}')
+    if edm:                                             # EDM: channel 3c + j holds q/k/v (j) of c
+        state = {k: t.reshape(t.shape[0] // 3, 3, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+                 if k.split('.')[-2:-1] == ['qkv'] else t for k, t in state.items()}
+    with torch.random.fork_rng(devices=[]):             # the initial weights are overwritten
+        net = UNet(**config)
     net.load_state_dict(state, strict=False)
     return net
 
@@ -1544,6 +1625,7 @@ def _arguments(record, signature, source, model_kwargs=False):
         _fail(source, f'{record.class_name} was stored without {absent}')
     return kwargs
 
+
 def _unet_from_edm(record, source):
     """memdiff's UNet with the weights of an EDM/DiffMemorize SongUNet record."""
     kw = _arguments(record, _SONG_UNET_SIGNATURE, source)
@@ -1557,19 +1639,17 @@ def _unet_from_edm(record, source):
               f"{kw['channel_mult_emb']}: memdiff implements DDPM++ ('standard', [1, 1], 1) and "
               "NCSN++ ('residual', [1, 3, 3, 1], 2), decoder 'standard', channel_mult_emb 4")
     # augment_dim and label_dropout act only in training (no augmentation labels at sampling).
+    config = dict(img_resolution=kw['img_resolution'], in_channels=kw['in_channels'],
+                  out_channels=kw['out_channels'], label_dim=kw['label_dim'],
+                  model_channels=kw['model_channels'], channel_mult=list(kw['channel_mult']),
+                  num_blocks=kw['num_blocks'], attn_resolutions=list(kw['attn_resolutions']),
+                  dropout=kw['dropout'], arch=arch, embedding=kw['embedding_type'],
+                  skips=kw['skip_connections'] or None)
     try:
-        net = UNet(kw['img_resolution'], kw['in_channels'], kw['out_channels'],
-                   label_dim=kw['label_dim'], model_channels=kw['model_channels'],
-                   channel_mult=tuple(kw['channel_mult']), num_blocks=kw['num_blocks'],
-                   attn_resolutions=tuple(kw['attn_resolutions']), dropout=kw['dropout'],
-                   arch=arch, embedding=kw['embedding_type'], skips=kw['skip_connections'] or None)
-    except ValueError as e:
-        _fail(source, f'SongUNet arguments memdiff cannot build: {e}')
-    try:
-        tensors = _record_tensors(record)
+        tensors = _edm_names(_record_tensors(record))
     except pickle.UnpicklingError as e:
         _fail(source, f'the stored SongUNet holds something other than tensors: {e}')
-    return _load_edm_state(net, tensors, source)
+    return _unet_from_state(config, tensors, source, edm=True)
 
 def _precond_from_edm(record, source):
     """memdiff's Precond(UNet) from an EDM VPPrecond / VEPrecond / EDMPrecond record."""
@@ -1591,55 +1671,58 @@ def _precond_from_edm(record, source):
         warnings.warn(f'{source}: stored with use_fp16=True; memdiff evaluates it in float32 '
                       '(EDM runs such a network in float16 on a GPU)')
     if kind == 'vp':
-        precond = Precond(net, 'vp', beta_d=kw['beta_d'], beta_min=kw['beta_min'], M=kw['M'],
-                          epsilon_t=kw['epsilon_t'])
-    else:
-        precond = Precond(net, kind, sigma_data=kw.get('sigma_data', 0.5),
-                          sigma_min=kw['sigma_min'], sigma_max=kw['sigma_max'])
-    return precond.eval().requires_grad_(False)
+        return Precond(net, 'vp', beta_d=kw['beta_d'], beta_min=kw['beta_min'], M=kw['M'],
+                       epsilon_t=kw['epsilon_t'])
+    return Precond(net, kind, sigma_data=kw.get('sigma_data', 0.5), sigma_min=kw['sigma_min'],
+                   sigma_max=kw['sigma_max'])
+
+_PRECOND_SETTINGS = ('kind', 'sigma_data', 'beta_d', 'beta_min', 'M', 'epsilon_t', 'sigma_min',
+                     'sigma_max')
 
 def save_network(precond, path):
     """Write a Precond(UNet) to path as a memdiff network file (settings and tensors, no code)."""
-    net = precond.net
-    settings = dict(kind=precond.kind, sigma_data=precond.sigma_data, beta_d=precond.beta_d,
-                    beta_min=precond.beta_min, M=precond.M, epsilon_t=precond.epsilon_t,
-                    sigma_min=precond.sigma_min, sigma_max=precond.sigma_max)
-    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    torch.save(dict(format='memdiff-network', version=1, unet=net.config, precond=settings,
+    settings = {k: getattr(precond, k) for k in _PRECOND_SETTINGS}
+    state = {k: v.detach().cpu() for k, v in precond.net.state_dict().items()}
+    torch.save(dict(format='memdiff-network', version=1, unet=precond.net.config, precond=settings,
                     state=state), path)
 
 def _load_memdiff_network(path):
     """Precond(UNet) from a save_network file, read with torch.load(weights_only=True)."""
-    try:
-        data = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:                              # torch raises several kinds here
-        _fail(path, f'not a readable memdiff network file ({type(e).__name__}: {e})')
+    data = torch.load(path, map_location='cpu', weights_only=True)
     if not isinstance(data, dict) or data.get('format') != 'memdiff-network':
         _fail(path, 'is a torch file but not a memdiff network (save_network writes those)')
-    net = UNet(**data['unet'])
-    net.load_state_dict(data['state'])
-    return Precond(net, **data['precond']).eval().requires_grad_(False)
+    settings = data.get('precond')
+    if not isinstance(settings, dict) or set(settings) - set(_PRECOND_SETTINGS) \
+            or not all(isinstance(v, (int, float, str)) for v in settings.values()):
+        _fail(path, f'precond settings must be a dict of {", ".join(_PRECOND_SETTINGS)}')
+    return Precond(_unet_from_state(data.get('unet'), data.get('state'), path), **settings)
 
 def load_network(path):
     """Denoiser (x, sigma, class_labels) -> D(x; sigma): memdiff's Precond(UNet) in eval mode.
 
     Reads the study's (EDM's) network-snapshot-*.pkl, its 'ema' entry, without the study's code and
-    without running any code from the file; or a file written by save_network.
+    without running any code from the file; or a file written by save_network. Every failure is a
+    ValueError naming the file, and a file costs about its own size in memory.
     """
     path = Path(path)
     if not path.is_file():
         _fail(path, 'no such file')
-    if zipfile.is_zipfile(path):                        # torch.save's format: memdiff's own file
-        return _load_memdiff_network(path)
-    with open(path, 'rb') as f:
-        try:
-            data = _SnapshotUnpickler(f, path).load()
-        except ValueError:
+    try:
+        with open(path, 'rb') as f:
+            if f.read(4) == b'PK\x03\x04':              # a zip: torch.save's format, memdiff's file
+                precond = _load_memdiff_network(path)
+            else:                                       # a pickle: the study's snapshot
+                f.seek(0)
+                data = _SnapshotUnpickler(f, path).load()
+                ema = data.get('ema') if isinstance(data, dict) else data
+                if not isinstance(ema, _Record):
+                    _fail(path, "holds no EDM network (expected the study's network-snapshot-*.pkl, "
+                          "a dict whose 'ema' entry is a VPPrecond, VEPrecond or EDMPrecond)")
+                precond = _precond_from_edm(ema, path)
+    except ValueError as e:
+        if str(e).startswith(str(path)):
             raise
-        except Exception as e:                          # truncated or foreign pickles
-            _fail(path, f'not a readable network snapshot ({type(e).__name__}: {e})')
-    ema = data.get('ema') if isinstance(data, dict) else data
-    if not isinstance(ema, _Record):
-        _fail(path, "holds no EDM network (expected the study's network-snapshot-*.pkl, a dict "
-              "whose 'ema' entry is a VPPrecond, VEPrecond or EDMPrecond)")
-    return _precond_from_edm(ema, path)
+        _fail(path, f'not a readable network file ({e})')
+    except Exception as e:                              # torch, pickle and the allocator raise many
+        _fail(path, f'not a readable network file ({type(e).__name__}: {e})')
+    return precond.eval().requires_grad_(False)

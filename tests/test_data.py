@@ -684,3 +684,80 @@ def test_float_lanczos_ringing_is_clipped_to_minus_one_one(resolution):
     assert raw.max() > 1 or raw.min() < -1                  # the filter did ring past the range
     np.testing.assert_array_equal(y[0, 0], raw.clip(-1, 1))
 
+
+
+#----------------------------------------------------------------------------
+# Files that declare more than they hold: sizes are read from headers and refused before decoding.
+
+def blank_png(width, height):
+    """A real PNG of black grey pixels, written row by row: a few kB for any size."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+    deflate, row, rows = zlib.compressobj(9), bytes(width + 1), []  # filter byte 0, then zeros
+    rows = b''.join(deflate.compress(row) for _ in range(height)) + deflate.flush()
+    header = struct.pack('>IIBBBBB', width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', rows) + chunk(b'IEND', b'')
+
+
+def peak_growth(fn):
+    """(fn's outcome or exception, growth of the peak resident memory in MiB, seconds)."""
+    from test_snapshots import peak_growth as measure
+    return measure(fn)
+
+
+def zip_of_pngs(path, pngs):
+    with zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_STORED) as z:
+        for i, png in enumerate(pngs):
+            z.writestr(f'00000/img{i:08d}.png', png)
+
+
+def test_a_zip_of_huge_blank_pngs_is_refused_in_under_a_second(tmp_path):
+    """Three black 12,000 x 12,000 PNGs (432 MB of pixels in a zip of a few hundred kB) are refused
+    from their headers, naming the file and the size, in under a second with little memory."""
+    png = blank_png(12_000, 12_000)
+    path = tmp_path / 'bomb.zip'
+    zip_of_pngs(path, [png] * 3)
+    assert path.stat().st_size < 1_000_000
+    outcome, mib, seconds = peak_growth(lambda: memdiff.load_dataset(path))
+    assert isinstance(outcome, ValueError), outcome
+    assert str(path) in str(outcome) and '12000 x 12000' in str(outcome)
+    assert mib < 100 and seconds < 1.0, (mib, seconds)
+
+
+def test_pngs_of_different_sizes_are_refused_naming_both(tmp_path):
+    """A zip whose images differ in size is one ValueError naming the odd image and the first's size."""
+    path = tmp_path / 'mixed.zip'
+    zip_of_pngs(path, [blank_png(8, 8), blank_png(8, 8), blank_png(4, 4)])
+    with pytest.raises(ValueError, match=r'img00000002.png is 4 x 4 x 1, .*8 x 8 x 1'):
+        memdiff.load_dataset(path)
+
+
+def test_an_npz_declaring_an_enormous_array_is_refused_from_its_header(tmp_path):
+    """images.npy whose header declares 10^6 x 3 x 1024 x 1024 uint8 but holds 1 kB is refused
+    before numpy allocates it."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, dict(descr='|u1', fortran_order=False,
+                                                      shape=(10 ** 6, 3, 1024, 1024)))
+    path = tmp_path / 'huge.npz'
+    with zipfile.ZipFile(path, 'w') as z:
+        z.writestr('images.npy', b'\x93NUMPY\x01\x00' + header.getvalue()[8:] + bytes(1000))
+    outcome, mib, seconds = peak_growth(lambda: memdiff.load_dataset(path))
+    assert isinstance(outcome, ValueError), outcome
+    assert str(path) in str(outcome) and '1000000, 3, 1024, 1024' in str(outcome)
+    assert mib < 100 and seconds < 1.0, (mib, seconds)
+
+
+def test_a_data_set_larger_than_free_memory_is_refused_naming_the_sizes(tmp_path, monkeypatch):
+    """When the float32 copy a file declares needs more than the machine has free, the file is
+    refused before it is decoded, with one line naming the sizes (PNG zips and .npz alike)."""
+    monkeypatch.setattr(memdiff, '_free_memory', lambda: 1000)
+    path = tmp_path / 'set.zip'
+    zip_of_pngs(path, [blank_png(8, 8)] * 5)
+    with pytest.raises(ValueError, match=r'5 x 1 x 8 x 8 images need .* GiB as float32'):
+        memdiff.load_dataset(path)
+    _write_npz(tmp_path / 'set.npz', images=np.zeros((5, 8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match=r'5 x 8 x 8 x 3 images need'):
+        memdiff.load_dataset(tmp_path / 'set.npz')

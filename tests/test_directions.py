@@ -18,8 +18,8 @@ pytestmark = pytest.mark.slow
 def ratio(n, labels):
     """Memorization ratio of a tiny trained model on n digits under a label mode (cached)."""
     images, classes = memdiff.load_dataset('digits')
-    cfg = memdiff.EMMConfig(channels=8, labels=labels, samples=200,
-                            train=memdiff.TrainConfig(steps=600, snapshots=1))
+    cfg = memdiff.EMMConfig(model_channels=8, labels=labels, samples=200,
+                            train=memdiff.TrainConfig(train_steps=600, snapshots=1))
     point = memdiff.measure(images, classes, n, cfg)
     return point['ratio']
 

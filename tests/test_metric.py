@@ -62,39 +62,6 @@ def test_nearest_neighbours_over_large_chunks_match_brute_force(n, b, k, chunk, 
     assert torch.equal(i, expected_i)
 
 
-@given(m=st.integers(1024, 1100), b=BATCHES, k=NEIGHBOURS, levels=st.integers(1, 50),
-       planted=st.lists(st.one_of(st.integers(0, 63), st.integers(0, 1099)), max_size=3),
-       seed=SEEDS)
-def test_blockwise_selection_finds_the_k_smallest_entries_ties_included(m, b, k, levels, planted,
-                                                                      seed):
-    """The block-minimum pre-selection gives topk's values, at k distinct columns holding them."""
-    g = torch.Generator().manual_seed(seed)
-    d2 = torch.randint(levels, (b, m), generator=g).float()  # few levels: many ties
-    for p in planted:                                       # the smallest anywhere, in the last
-        d2[:, (m - 1 - p) % m] = -1                         # columns (left over by blocks) too
-    v, i = memdiff._smallest(d2, k)
-    expected = d2.topk(k, dim=1, largest=False).values
-    assert torch.equal(v.sort(1).values, expected.sort(1).values)
-    assert torch.equal(d2.gather(1, i), v)
-    assert all(len(set(row)) == k for row in i.tolist())
-
-
-def test_blockwise_selection_of_infinite_entries_returns_distinct_columns():
-    """Rows of +inf (an overflowed distance) still get k distinct columns, the finite ones first."""
-    d2 = torch.full((2, 2000), math.inf)                  # 2000 columns: the block path
-    d2[1, 700] = 5.0
-    v, i = memdiff._smallest(d2, 2)
-    assert all(len(set(row)) == 2 for row in i.tolist()) and i[1, 0] == 700 and v[1, 0] == 5
-
-
-def test_blockwise_selection_of_a_nan_row_returns_valid_columns():
-    """A diverged sample (a NaN row) still gets column indices inside the reference set."""
-    d2 = torch.rand(3, 2000)
-    d2[1] = math.nan
-    v, i = memdiff._smallest(d2, 2)
-    assert ((i >= 0) & (i < 2000)).all() and v[1].isnan().all() and not v[[0, 2]].isnan().any()
-
-
 @given(n=REFERENCE_SIZES, b=BATCHES, shape=SHAPES, seed=SEEDS)
 def test_exact_copy_has_distance_exactly_zero(n, b, shape, seed):
     """A sample equal to a reference image has nearest distance exactly 0 and that image's index."""
@@ -187,6 +154,40 @@ def test_duplicated_reference_images_count_once(n, b, shape, seed):
     assert torch.equal(dup_mask, mask)
     copy_ratio, copy_mask = memdiff.memorization_scores(y[dup], with_dups)
     assert (copy_ratio == 0).all() and copy_mask.all()
+
+
+@given(n=REFERENCE_SIZES, b=st.integers(1, 30), shape=SHAPES, copies=st.integers(1, 3), seed=SEEDS)
+def test_score_reports_the_studys_rule_beside_its_own_when_the_set_holds_duplicates(n, b, shape,
+                                                                                   copies, seed):
+    """With duplicated training images, score() gives ratio (deduplicated: a copy of a duplicated
+    image is memorized) and ratio_study (mem_ratio.py's: the two nearest of the whole set, so such a
+    copy has d1/d2 = 1), each equal to its definition computed by brute force; without duplicates
+    there is no ratio_study. The indices point at the first copy of each nearest image."""
+    g = torch.Generator().manual_seed(seed)
+    y = (torch.randint(0, 256, (n, *shape), generator=g).double() / 127.5 - 1).clip(-1, 1)
+    assume(len(torch.unique(y.flatten(1), dim=0)) == n)
+    result, _ = memdiff.score(y[torch.randint(n, (b,), generator=g)], y)
+    assert 'ratio_study' not in result and 'duplicates' not in result
+    dup = torch.randint(n, (copies,), generator=g)
+    y2 = torch.cat([y, y[dup]])
+    x = torch.cat([y2[torch.randint(n + copies, (b,), generator=g)],
+                   (y[:1] + 0.5 * draw(seed, 1, *shape)).clip(-1, 1)])
+    result, per_sample = memdiff.score(x, y2)
+    q = memdiff.quantize_uint8(x)
+    d = brute_distances(q, y2).sort(1).values                      # with the duplicates
+    study = (d[:, 0] / d[:, 1] < 1 / 3).double().mean().item()
+    u = torch.unique(y2.flatten(1), dim=0)
+    du = brute_distances(q, u).sort(1).values                      # one copy of each image
+    ours = (du[:, 0] / du[:, 1] < 1 / 3).double().mean().item()
+    assert result['ratio'] == pytest.approx(ours) and result['ratio_study'] == pytest.approx(study)
+    assert result['duplicates'] == sum(c for c in torch.unique(y2.flatten(1), dim=0,
+                                                                 return_counts=True)[1].tolist()
+                                       if c > 1)
+    first = {tuple(r): i for i, r in reversed(list(enumerate(y2.flatten(1).tolist())))}
+    for k, (i, j) in enumerate(per_sample['index'].tolist()):
+        assert first[tuple(y2[i].flatten().tolist())] == i and first[tuple(y2[j].flatten().tolist())] == j
+        dist = brute_distances(q[k:k + 1], y2[[i, j]])[0]
+        torch.testing.assert_close(dist, torch.stack([per_sample['d1'][k], per_sample['d2'][k]]).double())
 
 
 def test_fewer_than_two_distinct_references_raise():
@@ -304,9 +305,9 @@ def test_score_uses_its_mem_threshold_and_the_papers_default(dtype, seed):
     x = (y[which] + 0.3 * draw(seed + 1, 40, 1, 2, 2, dtype=dtype)).clip(-1, 1)
     for threshold in [None, 0.2, 0.6]:
         kwargs = {} if threshold is None else dict(mem_threshold=threshold)
-        result, d1_d2 = memdiff.score(x, y, **kwargs)
+        result, per_sample = memdiff.score(x, y, **kwargs)
         expected = memdiff.memorization_scores(memdiff.quantize_uint8(x), y)[0]
-        torch.testing.assert_close(d1_d2, expected, rtol=0, atol=0)
+        torch.testing.assert_close(per_sample['d1'] / per_sample['d2'], expected, rtol=0, atol=0)
         k = int((expected < (1 / 3 if threshold is None else threshold)).sum())
         assert result['ratio'] == k / 40
         assert result['ci'] == list(memdiff.wilson_interval(k, 40))

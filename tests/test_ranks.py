@@ -1,7 +1,7 @@
 """Two ranks in one process group, without torchrun: gloo processes spawned by the test itself.
 
 What only a process group runs: DDP's averaging of the gradients, each rank's noise stream in the
-checkpoint, and the samples and d1/d2 gathered across ranks. Seconds, so not marked slow, and
+saved state, the samples and d1/d2 gathered across ranks, and the sampler's noise range on every rank. Seconds, so not marked slow, and
 tests/mutate.py's spawned processes import the mutant too.
 """
 
@@ -19,23 +19,37 @@ def _free_port():
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
 
-DDP_TRAIN = memdiff.TrainConfig(steps=4, batch=8, snapshots=2)
+DDP_TRAIN = memdiff.TrainConfig(train_steps=4, batch=8, snapshots=2)
+
+class RangeDenoiser(memdiff.GaussianDenoiser):
+    """A closed-form denoiser declaring VE's noise range, recording the sigmas it is called with."""
+    sigma_min, sigma_max = 0.02, 100.0
+
+    def __call__(self, x, sigma, labels=None):
+        self.calls = getattr(self, 'calls', []) + [float(sigma)]
+        return super().__call__(x, sigma, labels)
 
 def _ddp_worker(rank, world, port, tmp):
-    """One rank: train the tiny network with a checkpoint, then sample 5 seeds and score them."""
+    """One rank: train the tiny network saving its state, sample 5 seeds and score them; sample a
+    denoiser of VE's range with a progress bar."""
     torch.set_num_threads(1)
     torch.distributed.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank,
                                          world_size=world)
     try:
         y = tiny_images(12)
         precond = tiny_network()
-        for step, ema in memdiff.train(precond, y, None, DDP_TRAIN, seed=3,
-                                       checkpoint=str(Path(tmp) / 'state.pt')):
-            pass
+        for step, ema, state in memdiff.train(precond, y, None, DDP_TRAIN, seed=3):
+            state = state()                                 # every rank: it gathers the streams
+            if rank == 0:
+                torch.save(state, Path(tmp) / 'state.pt')
         x, _ = memdiff.generate(ema, 5, (1, 8, 8), 0, torch.device('cpu'), num_steps=3)
-        point, d1_d2 = memdiff.score(x, y)
+        point, per_sample = memdiff.score(x, y)
+        ve = RangeDenoiser(y)
+        x_ve, _ = memdiff.generate(ve, 5, (1, 8, 8), 0, torch.device('cpu'), num_steps=4,
+                                   progress=lambda *a: None)
         torch.save(dict(net=precond.state_dict(), ema=ema.state_dict(), x=x, point=point,
-                        d1_d2=d1_d2), Path(tmp) / f'rank{rank}.pt')
+                        d1_d2=per_sample['d1'] / per_sample['d2'], ve=x_ve, sigmas=ve.calls),
+                   Path(tmp) / f'rank{rank}.pt')
     finally:
         torch.distributed.destroy_process_group()
 
@@ -53,11 +67,19 @@ def test_two_ranks_average_gradients_keep_distinct_noise_and_gather_one_process_
     # The ranks' noise differs from one process's (rank 1 draws its own stream), so the weights do.
     one = tiny_network()
     y = tiny_images(12)
-    *_, (_, ema) = memdiff.train(one, y, None, DDP_TRAIN, seed=3)
+    *_, (_, ema, _) = memdiff.train(one, y, None, DDP_TRAIN, seed=3)
     assert any(not torch.equal(one.state_dict()[k], r0['net'][k]) for k in r0['net'])
     ema.load_state_dict(r0['ema'])
     x, _ = memdiff.generate(ema, 5, (1, 8, 8), 0, torch.device('cpu'), num_steps=3)
-    point, d1_d2 = memdiff.score(x, y)
+    point, per_sample = memdiff.score(x, y)
     for r in r0, r1:
         assert torch.allclose(r['x'], x, rtol=0, atol=1e-5)
-        assert torch.equal(r['d1_d2'], d1_d2) and r['point'] == point
+        assert torch.equal(r['d1_d2'], per_sample['d1'] / per_sample['d2']) and r['point'] == point
+    # The sampler's range reaches every rank: VE's clamp [0.02, 80], as the study's sampler.
+    t_steps = memdiff.edm_sigma_steps(4, 0.02, 80)
+    z, _ = memdiff.study_latents(range(5), (1, 8, 8), 0, torch.device('cpu'))
+    direct = memdiff.edm_sampler(memdiff.GaussianDenoiser(y), z, num_steps=4, sigma_min=0.02,
+                                 sigma_max=80)
+    for r in r0, r1:
+        assert max(r['sigmas']) == t_steps[0] and min(r['sigmas']) == t_steps[3]
+        assert torch.equal(memdiff.to_uint8(r['ve']), memdiff.to_uint8(direct))

@@ -283,9 +283,9 @@ def test_emm_defaults_are_the_papers():
     assert default(memdiff.tau_mem, 'threshold') == 0.9
     cfg = memdiff.EMMConfig()
     assert (cfg.threshold, cfg.mem_threshold, cfg.num_steps, cfg.samples) == (0.9, 1 / 3, 18, 1000)
-    assert (cfg.data, cfg.labels, cfg.arch, cfg.channels, cfg.channel_mult, cfg.blocks, cfg.attn,
-            cfg.dropout, cfg.optimum, cfg.seed) == ('digits', 'none', 'ddpmpp', 16, (1, 2), 1, (4,),
-                                                    0.0, False, 0)
+    assert (cfg.data, cfg.labels, cfg.arch, cfg.model_channels, cfg.channel_mult, cfg.num_blocks,
+            cfg.attn_resolutions, cfg.dropout, cfg.optimum, cfg.seed) == (
+        'digits', 'none', 'ddpmpp', 16, (1, 2), 1, None, 0.0, False, 0)
     # A ratio of exactly 0.9 passes (>=), just under fails: at the default and at any threshold.
     for threshold, kwargs in [(0.9, {}), (0.75, dict(threshold=0.75))]:
         ratio_at = lambda n: 1.0 if n < 16 else threshold if n == 16 else threshold - 1e-9

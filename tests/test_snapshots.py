@@ -50,8 +50,9 @@ class Persistent(torch.nn.Module):
     def __init__(self, class_name, init_kwargs=None, params=None, buffers=None, children=None, **attrs):
         super().__init__()
         self.class_name = class_name
-        for k, v in (params or {}).items():
-            self.register_parameter(k, torch.nn.Parameter(v.clone(), requires_grad=False))
+        for k, v in (params or {}).items():                 # a stride-0 view is kept as it is
+            v = v if 0 in v.stride() else v.clone()
+            self.register_parameter(k, torch.nn.Parameter(v, requires_grad=False))
         for k, v in (buffers or {}).items():
             self.register_buffer(k, v.clone())
         for k, v in (children or {}).items():
@@ -141,11 +142,12 @@ def song_unet_kwargs(net, skips=False):
 
 
 def write_study_snapshot(path, precond, modules, precond_kwargs=None, unet_kwargs=None,
-                         unet_class='SongUNet', skips=False):
-    """Pickle dict(ema=..., loss_fn=..., augment_pipe=None, dataset_kwargs=...) as EDM's loop does."""
+                         unet_class='SongUNet', skips=False, state=None):
+    """Pickle dict(ema=..., loss_fn=..., augment_pipe=None, dataset_kwargs=...) as EDM's loop does
+    (the network's tensors, or `state`: EDM's names -> tensors)."""
     net = precond.net
     kw = dict(song_unet_kwargs(net, skips), **(unet_kwargs or {}))
-    model = Persistent(unet_class, kw, children=edm_tree(edm_state(net)),
+    model = Persistent(unet_class, kw, children=edm_tree(edm_state(net) if state is None else state),
                        label_dropout=0, map_augment=None)
     model_kwargs = {k: v for k, v in kw.items()
                     if k not in ('img_resolution', 'in_channels', 'out_channels', 'label_dim')}
@@ -388,7 +390,7 @@ def test_score_mode_scores_a_folder_of_study_snapshots_like_mem_ratio(persistenc
         write_study_snapshot(folder / f'network-snapshot-{k:06d}.pkl', precond, modules)
     out = tmp_path / 'out'
     result = CliRunner().invoke(run_emm.main, ['--score', str(folder), '--sizes', '32', '--samples',
-                                               '12', '--sampler-steps', '3', '--outdir', str(out),
+                                               '12', '--outdir', str(out),
                                                '--device', 'cpu'])
     assert result.exit_code == 0, result.output
     record = json.loads((out / 'score.json').read_text())
@@ -397,7 +399,143 @@ def test_score_mode_scores_a_folder_of_study_snapshots_like_mem_ratio(persistenc
     y = memdiff.training_set(*memdiff.load_dataset('digits'), 32, memdiff.EMMConfig())[0]
     for row in record['snapshots']:
         net = memdiff.load_network(folder / row['snapshot'])
-        x, _ = memdiff.generate(net, 12, (1, 8, 8), 0, torch.device('cpu'), 3)
+        x, _ = memdiff.generate(net, 12, (1, 8, 8), 0, torch.device('cpu'))
         assert row['ratio'] == memdiff.score(x, y)[0]['ratio']
     assert record['best']['ratio'] == max(r['ratio'] for r in record['snapshots'])
     assert not marker.exists()
+
+
+#----------------------------------------------------------------------------
+# Files that declare more than they hold: refused before anything is allocated, in one line.
+
+def peak_growth(fn):
+    """(fn's outcome or the exception it raised, growth of the process's peak resident memory in
+    MiB, seconds), the peak reset first through /proc/self/clear_refs (Linux)."""
+    import time
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError:
+        pytest.skip('needs /proc/self/clear_refs to reset the peak resident memory')
+
+    def vmhwm():
+        with open('/proc/self/status') as f:
+            return next(int(l.split()[1]) for l in f if l.startswith('VmHWM')) / 1024
+    start, t = vmhwm(), time.perf_counter()
+    try:
+        outcome = fn()
+    except Exception as e:                                  # the refusal itself is checked by the caller
+        outcome = e
+    return outcome, vmhwm() - start, time.perf_counter() - t
+
+
+@pytest.mark.parametrize('model_channels', [512, 16384])
+def test_a_snapshot_declaring_a_huge_network_is_refused_without_allocating_it(model_channels,
+                                                                             persistence, tmp_path):
+    """SongUNet arguments that declare a network far larger than the file's tensors are refused
+    with a ValueError naming the file, in well under a second and under 100 MiB of growth."""
+    modules, marker = persistence
+    path = tmp_path / 'network-snapshot.pkl'
+    write_study_snapshot(path, perturbed_precond('vp', 0), modules,
+                         unet_kwargs=dict(model_channels=model_channels))
+    outcome, mib, seconds = peak_growth(lambda: memdiff.load_network(path))
+    assert isinstance(outcome, ValueError) and str(path) in str(outcome), outcome
+    assert mib < 100 and seconds < 1.0, (mib, seconds)
+    assert not marker.exists()
+
+
+def test_tensors_claiming_more_than_their_storage_are_refused_before_any_copy(persistence, tmp_path):
+    """Stride-0 views of one float each that claim the shapes of a 768-channel network (1.7 GB as
+    tensors; the file is kilobytes) are refused before the q, k, v reshape would copy them."""
+    modules, _ = persistence
+    with torch.device('meta'):                              # shapes only: nothing is allocated
+        claimed = memdiff.Precond(memdiff.UNet(8, 2, 2, model_channels=768, channel_mult=(1, 2),
+                                               num_blocks=1, attn_resolutions=(4,)), 'vp')
+        shapes = edm_state(claimed.net)
+    state = {k: torch.zeros(1).as_strided(t.shape, [0] * t.dim()) for k, t in shapes.items()}
+    path = tmp_path / 'network-snapshot.pkl'
+    write_study_snapshot(path, claimed, modules, state=state)
+    assert path.stat().st_size < 2_000_000
+    outcome, mib, seconds = peak_growth(lambda: memdiff.load_network(path))
+    assert isinstance(outcome, ValueError) and 'storage' in str(outcome), outcome
+    assert mib < 100 and seconds < 1.0, (mib, seconds)
+
+
+@pytest.mark.parametrize('change, words', [
+    (dict(unet='not a dict'), 'U-Net'),
+    (dict(unet=dict(img_resolution=8, in_channels=1, out_channels=1, model_channels=10 ** 6)),
+     'model_channels'),
+    (dict(unet=dict(img_resolution=8, in_channels=1, out_channels=1, channel_mult=[1] * 40)),
+     'channel_mult'),
+    (dict(precond=dict(kind='vp', colour='red')), 'precond'),
+    (dict(precond='vp'), 'precond'),
+    (dict(state=[1, 2]), 'U-Net'),
+])
+def test_a_malformed_memdiff_network_file_is_one_value_error(change, words, tmp_path):
+    """Wrong-typed or oversized settings in memdiff's own file are a ValueError naming the file and
+    the setting (no TypeError or RuntimeError), quickly and without large allocations."""
+    reference = perturbed_precond('vp', 0)
+    path = tmp_path / 'network.pt'
+    memdiff.save_network(reference, path)
+    data = torch.load(path, weights_only=True)
+    data.update(change)
+    torch.save(data, path)
+    outcome, mib, seconds = peak_growth(lambda: memdiff.load_network(path))
+    assert isinstance(outcome, ValueError), outcome
+    assert str(path) in str(outcome) and words.lower() in str(outcome).lower(), outcome
+    assert mib < 100 and seconds < 1.0, (mib, seconds)
+
+
+def test_a_snapshot_whose_bytes_end_like_a_zip_loads_as_a_snapshot(persistence, tmp_path):
+    """The formats are told apart by their leading bytes: a genuine pickle followed by a zip's end
+    record (which zipfile.is_zipfile would take for a zip) loads as the study's snapshot."""
+    import io
+    import zipfile
+    modules, _ = persistence
+    path = tmp_path / 'network-snapshot.pkl'
+    reference = perturbed_precond('ve', 3)
+    write_study_snapshot(path, reference, modules)
+    tail = io.BytesIO()
+    with zipfile.ZipFile(tail, 'w') as z:
+        z.writestr('x', b'y')
+    path.write_bytes(path.read_bytes() + tail.getvalue())
+    assert zipfile.is_zipfile(path)
+    assert_same_denoiser(memdiff.load_network(path), reference, 0, 0)
+
+
+@pytest.mark.parametrize('kind, precond_kwargs, clamp', [
+    ('ve', {}, (0.02, 80.0)),
+    ('edm', dict(sigma_min=0.01, sigma_max=40.0), (0.01, 40.0)),
+])
+def test_score_mode_samples_the_networks_clamped_range_image_for_image(kind, precond_kwargs, clamp,
+                                                                       persistence, tmp_path,
+                                                                       monkeypatch):
+    """--score with progress bars shown: a VE network and an EDM network of range [0.01, 40] give
+    the uint8 samples of edm_sampler called directly with the study's clamp, and --save-samples
+    writes them with their d1, d2 and nearest training images."""
+    import run_emm
+    from click.testing import CliRunner
+    modules, _ = persistence
+    folder = tmp_path / 'run'
+    folder.mkdir()
+    precond = perturbed_precond(kind, 5, in_channels=1, out_channels=1, **({'arch': 'ncsnpp'}
+                                                                           if kind == 've' else {}))
+    precond.sigma_min, precond.sigma_max = (precond_kwargs.get('sigma_min', precond.sigma_min),
+                                            precond_kwargs.get('sigma_max', precond.sigma_max))
+    write_study_snapshot(folder / 'network-snapshot-000000.pkl', precond, modules, precond_kwargs)
+    monkeypatch.setattr(run_emm, 'progress_bar', run_emm.Progress)   # as on a terminal
+    out = tmp_path / 'out'
+    result = CliRunner().invoke(run_emm.main, ['--score', str(folder / 'network-snapshot-000000.pkl'),
+                                               '--sizes', '32', '--samples', '10', '--save-samples',
+                                               '--outdir', str(out), '--device', 'cpu'])
+    assert result.exit_code == 0, result.output
+    saved = np.load(out / 'samples_network-snapshot-000000.npz')
+    z, _ = memdiff.study_latents(range(10), (1, 8, 8), 0, torch.device('cpu'))
+    direct = memdiff.edm_sampler(lambda *a: precond(*a), z, sigma_min=clamp[0], sigma_max=clamp[1])
+    assert np.array_equal(saved['samples'], memdiff.to_uint8(direct).permute(0, 2, 3, 1).numpy())
+    y = memdiff.training_set(*memdiff.load_dataset('digits'), 32, memdiff.EMMConfig())[0]
+    q = memdiff.quantize_uint8(direct).flatten(1)
+    d = torch.cdist(q.double(), y.flatten(1).double())
+    assert np.allclose(saved['d1'], d.gather(1, torch.from_numpy(saved['nearest'][:, :1]))[:, 0],
+                       rtol=1e-5)
+    assert np.allclose(saved['d1_d2'], saved['d1'] / saved['d2'])

@@ -1,5 +1,5 @@
 """Memorization over training time (section 9): tau_mem per size, the law tau_mem = a |D|^b across
-sizes with its bootstrap interval, and agreement with the closed-form optimum."""
+sizes with its bootstrap interval."""
 
 import math
 
@@ -198,35 +198,3 @@ def test_law_is_reproducible_with_the_same_generator():
     laws = [memdiff.tau_law(points, 50, replicates=50, generator=torch.Generator().manual_seed(3))
             for _ in range(2)]
     assert laws[0] == laws[1]
-
-
-def test_budget_follows_the_law():
-    law = dict(prefactor=40.0, exponent=1.5)
-    assert memdiff.tau_budget(law, 100) == pytest.approx(40 * 1000)
-
-#----------------------------------------------------------------------------
-# Agreement with the optimum
-
-def test_agreement_is_one_when_the_network_is_the_optimum_itself():
-    """Sampling the optimum as the 'network' from the same seeds agrees on every sample."""
-    y = memdiff.training_set(*DIGITS, 24, memdiff.EMMConfig())[0]
-    D = memdiff.OptimalDenoiser(y.double())
-    x, _ = memdiff.generate(D, 20, (1, 8, 8), 0, torch.device('cpu'), num_steps=4)
-    x_opt, _ = memdiff.generate(memdiff.OptimalDenoiser(y.double()), 20, (1, 8, 8), 0,
-                                torch.device('cpu'), num_steps=4)
-    assert memdiff.optimum_agreement(x, x_opt, y) == 1.0
-
-
-@given(SEEDS)
-def test_agreement_equals_a_brute_force_count(seed):
-    """The fraction of rows whose nearest training image (brute force over all distances) is that
-    of the optimum's row."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.rand(12, 1, 4, 4, generator=g) * 2 - 1
-    x_opt = y[torch.randint(12, (30,), generator=g)] + 0.05 * torch.randn(30, 1, 4, 4, generator=g)
-    x = torch.where(torch.rand(30, 1, 1, 1, generator=g) < 0.5, x_opt,
-                    torch.rand(30, 1, 4, 4, generator=g) * 2 - 1)
-    q = lambda t: memdiff.quantize_uint8(t).flatten(1)
-    nn = lambda t: torch.cdist(q(t).double(), y.flatten(1).double()).argmin(1)
-    expected = (nn(x) == nn(x_opt)).double().mean().item()
-    assert memdiff.optimum_agreement(x, x_opt, y) == pytest.approx(expected)

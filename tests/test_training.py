@@ -1,6 +1,7 @@
 """Training (section 8): durations, snapshots, the study's lr and EMA schedules, data order, the loop."""
 
 import copy
+import os
 import math
 
 import pytest
@@ -38,14 +39,14 @@ def test_total_steps_in_epochs_scale_with_size(n, epochs, batch):
 @given(DURATION_SIZES, TOTAL_STEPS)
 def test_total_steps_without_epochs_ignore_size(n, steps):
     """In steps mode the duration is the fixed step count, whatever the training-set size."""
-    assert memdiff.TrainConfig(steps=steps).total_steps(n) == steps
+    assert memdiff.TrainConfig(train_steps=steps).total_steps(n) == steps
 
 
 @given(TOTAL_STEPS, SNAPSHOT_COUNTS)
 def test_snapshot_steps_are_ascending_unique_and_end_at_the_final_step(steps, snapshots):
     """Snapshot steps ascend strictly within [1, total], end at the final step, and number at most
     the snapshots asked for."""
-    cfg = memdiff.TrainConfig(steps=steps, snapshots=snapshots)
+    cfg = memdiff.TrainConfig(train_steps=steps, snapshots=snapshots)
     snaps = cfg.snapshot_steps(10)
     assert snaps == sorted(set(snaps))
     assert snaps[-1] == steps and snaps[0] >= 1
@@ -104,8 +105,8 @@ def study_beta(nimg, n, batch, mode, final=0.99929):
 
 
 def study_config(batch, mode='mode2'):
-    return memdiff.TrainConfig(lr=2e-4, batch=batch, epochs=40000.0, lr_rampup_epochs=200.0,
-                               ema_mode=mode, ema_halflife_epochs=10.0, whole_kimg=True)
+    return memdiff.TrainConfig(lr=2e-4, batch=batch, epochs=40000.0, lr_rampup=200.0,
+                               ema_mode=mode, ema_halflife=10.0, whole_kimg=True)
 
 
 @given(STUDY_SIZES, STUDY_BATCHES, MODES, st.integers(0, 20_000))
@@ -156,12 +157,12 @@ def test_data_order_is_numpys_seeded_shuffle(n, seed):
 #----------------------------------------------------------------------------
 # The training loop (tiny: 8 channels, one level, batch 8, a handful of steps)
 
-TINY_TRAIN = memdiff.TrainConfig(steps=6, batch=8, snapshots=3)
+TINY_TRAIN = memdiff.TrainConfig(train_steps=6, batch=8, snapshots=3)
 
 
 def tiny_network(dropout=0.0, init_seed=0, precond='edm'):
     torch.manual_seed(init_seed)
-    cfg = memdiff.EMMConfig(channels=8, channel_mult=(1,), attn=(), dropout=dropout)
+    cfg = memdiff.EMMConfig(model_channels=8, channel_mult=(1,), attn_resolutions=(), dropout=dropout)
     cfg.train.precond = precond
     return memdiff.build_network(cfg, (1, 8, 8), 0)
 
@@ -173,13 +174,19 @@ def tiny_images(n=8):
 
 def snapshots_of(precond, images, cfg, seed, checkpoint=None, stop_after=None, global_seed=0):
     """[(step, EMA state dict copy)] from train(); stop after that many snapshots (an interrupt).
+    With checkpoint (a path), the run resumes from the state saved there, and saves each
+    snapshot's state() there once the snapshot is handed back, as run_emm does.
     torch's global seed is set first, as measure() does, so dropout masks are seeded too."""
     torch.manual_seed(global_seed)
+    resume = torch.load(checkpoint, weights_only=True) if checkpoint and os.path.exists(checkpoint) \
+        else None
     out = []
-    for step, ema in memdiff.train(precond, images, None, cfg, seed=seed, checkpoint=checkpoint):
+    for step, ema, state in memdiff.train(precond, images, None, cfg, seed=seed, resume=resume):
         out.append((step, {k: v.clone() for k, v in ema.state_dict().items()}))
         if stop_after is not None and len(out) == stop_after:
             break
+        if checkpoint:
+            torch.save(state(), checkpoint)
     return out
 
 
@@ -204,7 +211,7 @@ def test_every_image_is_seen_once_per_epoch_in_one_repeated_order(monkeypatch, n
     spy = SeenImages(memdiff.LOSSES['edm'])
     monkeypatch.setitem(memdiff.LOSSES, 'edm', spy)
     y = tiny_images(n)
-    cfg = memdiff.TrainConfig(steps=3 * n, batch=batch, snapshots=1)
+    cfg = memdiff.TrainConfig(train_steps=3 * n, batch=batch, snapshots=1)
     list(memdiff.train(tiny_network(), y, None, cfg, seed=3))
     flat = y.flatten(1)
     seen = [int((flat == row).all(1).nonzero()[0]) for b in spy.batches for row in b.flatten(1)]
@@ -221,7 +228,7 @@ def test_loss_constants_come_from_the_preconditioning(monkeypatch):
                         memdiff.edm_loss(*a, **k))
     precond = tiny_network()
     precond.sigma_data = 1.0
-    list(memdiff.train(precond, tiny_images(4), None, memdiff.TrainConfig(steps=1, batch=4), seed=0))
+    list(memdiff.train(precond, tiny_images(4), None, memdiff.TrainConfig(train_steps=1, batch=4), seed=0))
     assert calls[0]['sigma_data'] == 1.0
 
 
@@ -236,12 +243,12 @@ def test_each_step_updates_the_ema_and_lr_by_their_formulas(monkeypatch, mode):
         return original_step(self, *args, **kwargs)
     monkeypatch.setattr(torch.optim.Adam, 'step', step)
     n = 8
-    cfg = memdiff.TrainConfig(steps=5, batch=4, snapshots=5, lr=1e-2, lr_rampup_epochs=1.5,
-                              ema_mode=mode, ema_halflife_epochs=0.5, ema_rampup=0.5,
+    cfg = memdiff.TrainConfig(train_steps=5, batch=4, snapshots=5, lr=1e-2, lr_rampup=1.5,
+                              ema_mode=mode, ema_halflife=0.5, ema_rampup=0.5,
                               ema_beta=0.7)
     precond = tiny_network()
     ema_prev = {k: v.clone() for k, v in precond.state_dict().items()}
-    for k, (step_no, ema) in enumerate(memdiff.train(precond, tiny_images(n), None, cfg, seed=0)):
+    for k, (step_no, ema, _) in enumerate(memdiff.train(precond, tiny_images(n), None, cfg, seed=0)):
         nimg = k * cfg.batch
         beta = cfg.ema_beta_at(nimg, n)
         net = precond.state_dict()
@@ -263,7 +270,7 @@ def test_a_non_finite_loss_stops_training_with_the_step(monkeypatch):
         loss = memdiff.edm_loss(denoise, y, *args, **kwargs)
         return loss * (math.nan if len(calls) == 3 else 1)
     monkeypatch.setitem(memdiff.LOSSES, 'edm', nan_at_three)
-    cfg = memdiff.TrainConfig(steps=5, batch=4, snapshots=1)
+    cfg = memdiff.TrainConfig(train_steps=5, batch=4, snapshots=1)
     with pytest.raises(ValueError, match='step 3 of 5'):
         list(memdiff.train(tiny_network(), tiny_images(4), None, cfg, seed=0))
 
@@ -271,7 +278,7 @@ def test_a_non_finite_loss_stops_training_with_the_step(monkeypatch):
 def test_fused_adam_follows_the_plain_adam_trajectory(monkeypatch):
     """The fused optimizer memdiff uses gives plain Adam's weights to float32 rounding."""
     y, net = tiny_images(), tiny_network()
-    cfg = memdiff.TrainConfig(steps=10, batch=8, snapshots=10, ema_mode='fixed', ema_beta=0.0)
+    cfg = memdiff.TrainConfig(train_steps=10, batch=8, snapshots=10, ema_mode='fixed', ema_beta=0.0)
     fused = snapshots_of(copy.deepcopy(net), y, cfg, seed=2)
     plain_adam = torch.optim.Adam
     monkeypatch.setattr(torch.optim, 'Adam', lambda *a, fused=None, **k: plain_adam(*a, **k))
@@ -331,7 +338,7 @@ def test_train_resume_after_interrupt_is_exact_with_dropout(tmp_path):
 def test_log_snapshot_steps_increase_strictly_and_end_at_the_budget(steps, snapshots):
     """Log spacing: strictly increasing integer steps in [1, total], at most the count asked for,
     the last one final, the first near 1% of the budget, and successive ratios geometric."""
-    cfg = memdiff.TrainConfig(steps=steps, snapshots=snapshots, snapshot_spacing='log')
+    cfg = memdiff.TrainConfig(train_steps=steps, snapshots=snapshots, snapshot_spacing='log')
     snaps = cfg.snapshot_steps(10)
     assert all(isinstance(s, int) for s in snaps)
     assert all(a < b for a, b in zip(snaps, snaps[1:]))
@@ -343,10 +350,10 @@ def test_log_snapshot_steps_increase_strictly_and_end_at_the_budget(steps, snaps
 
 def test_log_snapshot_steps_by_hand_and_images_take_precedence():
     """3000 steps in 3 log-spaced snapshots: 30, 300, 3000; snapshot_images still wins."""
-    assert memdiff.TrainConfig(steps=3000, snapshots=3,
+    assert memdiff.TrainConfig(train_steps=3000, snapshots=3,
                                snapshot_spacing='log').snapshot_steps(10) == [30, 300, 3000]
-    by_images = memdiff.TrainConfig(steps=3000, batch=64, snapshot_images=64_000)
-    log = memdiff.TrainConfig(steps=3000, batch=64, snapshot_images=64_000, snapshot_spacing='log')
+    by_images = memdiff.TrainConfig(train_steps=3000, batch=64, snapshot_images=64_000)
+    log = memdiff.TrainConfig(train_steps=3000, batch=64, snapshot_images=64_000, snapshot_spacing='log')
     assert log.snapshot_steps(10) == by_images.snapshot_steps(10)
     with pytest.raises(ValueError, match='snapshot_spacing'):
         memdiff.TrainConfig(snapshot_spacing='cubic').snapshot_steps(10)
@@ -382,7 +389,7 @@ def test_training_steps_are_adam_by_hand_with_the_edm_gradient_rule(monkeypatch,
         return original_step(self, *args, **kwargs)
     monkeypatch.setattr(torch.optim.Adam, 'step', step)
     n = 8
-    cfg = memdiff.TrainConfig(steps=4, batch=4, snapshots=1, lr=3e-3, lr_rampup_epochs=1.0,
+    cfg = memdiff.TrainConfig(train_steps=4, batch=4, snapshots=1, lr=3e-3, lr_rampup=1.0,
                               weight_decay=weight_decay, ema_mode='fixed', ema_beta=0.0)
     precond = tiny_network()
     params = [p for p in precond.parameters() if p.requires_grad]
@@ -390,7 +397,7 @@ def test_training_steps_are_adam_by_hand_with_the_edm_gradient_rule(monkeypatch,
     j = next(i for i, p in enumerate(params) if p.dim() == 1 and len(p) > 3)   # a bias
     bad = torch.tensor([math.nan, math.inf, -math.inf])
     params[j].register_hook(lambda g: torch.cat([bad, g[3:]]))  # non-finite gradients every step
-    (_, ema), = list(memdiff.train(precond, tiny_images(n), None, cfg, seed=0))
+    (_, ema, _), = list(memdiff.train(precond, tiny_images(n), None, cfg, seed=0))
     assert len(grads) == 4
     for g in grads:
         assert g[j][:3].tolist() == [0.0, 1e5, -1e5]
@@ -410,8 +417,8 @@ def test_sgd_step_is_momentum_sgd_by_hand(monkeypatch):
         grads.append([p.grad.clone() for p in self.param_groups[0]['params']])
         return original_step(self, *args, **kwargs)
     monkeypatch.setattr(torch.optim.SGD, 'step', step)
-    cfg = memdiff.TrainConfig(optimizer='sgd', steps=3, batch=4, snapshots=1, lr=1e-2,
-                              weight_decay=0.1, lr_rampup_epochs=0.5)
+    cfg = memdiff.TrainConfig(optimizer='sgd', train_steps=3, batch=4, snapshots=1, lr=1e-2,
+                              weight_decay=0.1, lr_rampup=0.5)
     precond = tiny_network()
     params = [p for p in precond.parameters() if p.requires_grad]
     p = [q.detach().double().clone() for q in params]
@@ -430,12 +437,11 @@ def test_sgd_step_is_momentum_sgd_by_hand(monkeypatch):
 def test_train_config_defaults_are_the_documented_ones():
     """TrainConfig's defaults: the README's CPU digits setting, EDM's EMA ramp-up, the study's mode4 beta."""
     cfg = memdiff.TrainConfig()
-    assert (cfg.precond, cfg.optimizer, cfg.lr, cfg.batch, cfg.weight_decay, cfg.steps) == \
+    assert (cfg.precond, cfg.optimizer, cfg.lr, cfg.batch, cfg.weight_decay, cfg.train_steps) == \
         ('edm', 'adam', 1e-3, 64, 0.0, 1500)
-    assert (cfg.epochs, cfg.lr_rampup_epochs, cfg.ema_mode, cfg.ema_halflife_epochs) == \
-        (None, 0.0, 'mode1', 10.0)
-    assert (cfg.ema_rampup, cfg.ema_beta, cfg.whole_kimg, cfg.snapshots, cfg.snapshot_images,
-            cfg.amp) == (0.05, 0.99929, False, 3, None, False)
+    assert (cfg.epochs, cfg.lr_rampup, cfg.ema_mode, cfg.ema_halflife) == (None, 0.0, 'mode1', 10.0)
+    assert (cfg.ema_rampup, cfg.ema_beta, cfg.whole_kimg, cfg.snapshots, cfg.snapshot_spacing,
+            cfg.snapshot_images, cfg.precision) == (0.05, 0.99929, False, 3, 'linear', None, 'fp32')
     assert (memdiff.REF_IMAGES, memdiff.REF_BATCH, memdiff.REF_HALFLIFE) == (50_000, 512, 500_000)
 
 
@@ -444,7 +450,7 @@ def test_ema_rampup_and_halflife_reach_every_mode(n, step, rampup, halflife):
     """ema_rampup and ema_halflife_epochs enter beta as h = min(halflife n, rampup nimg) (no rounding)."""
     for mode in ['mode1', 'mode2', 'mode4']:
         cfg = memdiff.TrainConfig(batch=64, ema_mode=mode, ema_rampup=rampup,
-                                  ema_halflife_epochs=halflife, ema_beta=0.999)
+                                  ema_halflife=halflife, ema_beta=0.999)
         nimg = step * 64
         h = halflife * n if not rampup else min(halflife * n, rampup * nimg)
         h = max(h, 1e-8)
@@ -461,13 +467,16 @@ def test_snapshot_images_in_whole_ticks_follow_edm_ticks(n, batch, ticks):
     assert cfg.snapshot_steps(n) == (edm_tick_snapshots(total, batch, snapshot_ticks=ticks) or [total])
 
 
-def test_a_tampered_checkpoint_is_read_weights_only_and_runs_nothing(tmp_path, hostile):
-    """train() reads its checkpoint with weights_only=True: a pickled command is refused, never run."""
-    import pickle
+def test_a_tampered_resume_state_is_read_weights_only_and_runs_nothing(tmp_path, hostile):
+    """run_emm reads a size's saved training state with weights_only=True: a pickled command is
+    refused with a ValueError naming the file, never run."""
+    import run_emm
     exploit, marker = hostile
-    path = tmp_path / 'state.pt'
-    torch.save(dict(net=exploit), path)
-    cfg = memdiff.TrainConfig(steps=2, batch=4, snapshots=1)
-    with pytest.raises(pickle.UnpicklingError):
-        list(memdiff.train(tiny_network(), tiny_images(4), None, cfg, seed=0, checkpoint=str(path)))
+    (tmp_path / 'work').mkdir()
+    torch.save(dict(net=exploit), tmp_path / 'work' / 'n16.state.pt')
+    cfg = memdiff.EMMConfig(model_channels=8, train=memdiff.TrainConfig(train_steps=2, batch=4,
+                                                                       snapshots=1), samples=4)
+    with pytest.raises(ValueError, match='n16.state.pt'):
+        run_emm.measure_size(cfg, memdiff.load_dataset('digits'), 16, tmp_path,
+                             torch.device('cpu'), lambda *a: None)
     assert not marker.exists()

@@ -49,7 +49,7 @@ def check(name, ok, detail=''):
 
 def paper_config(**train):
     return memdiff.EMMConfig(arch='ddpmpp', channels=128, channel_mult=(2, 2, 2), blocks=2,
-                             attn=(16,), dropout=0.13, embedding='positional',
+                             attn_resolutions=(16,), dropout=0.13, embedding='positional',
                              train=memdiff.TrainConfig(precond='vp', lr=2e-4, **train))
 
 def same_on_cuda():

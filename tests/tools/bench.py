@@ -208,7 +208,7 @@ def convolution_share(step, rounds=3):
 def unet_training(res, channels, mult, blocks, attn, batch, in_ch, repeat, levers=True):
     """Training steps of memdiff's U-Net against the unfused one, same weights, same loss, timed by
     CPU time over interleaved rounds -> dict of seconds per step (and sampler evaluations/s)."""
-    cfg = memdiff.EMMConfig(channels=channels, channel_mult=mult, blocks=blocks, attn=attn)
+    cfg = memdiff.EMMConfig(model_channels=channels, channel_mult=mult, num_blocks=blocks, attn=attn)
     torch.manual_seed(0)
     fused = memdiff.build_network(cfg, (in_ch, res, res), 0)
     y = torch.rand(batch, in_ch, res, res, generator=torch.Generator().manual_seed(0)) * 2 - 1
