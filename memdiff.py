@@ -1326,7 +1326,7 @@ def best_point(n, snapshots, threshold=0.9):
     tau, bracket = tau_mem(snapshots, threshold)
     return dict(size=n, ratio=best['ratio'], ci=best['ci'], best_step=best['step'], tau_mem=tau,
                 tau_bracket=bracket, snapshots=snapshots,
-                **{k: best[k] for k in ('ratio_study', 'share', 'gap') if k in best})
+                **{k: best[k] for k in ('ratio_study', 'duplicates', 'share', 'gap') if k in best})
 
 def crossing(passing, failing, threshold=0.9):
     """The size where the ratio crosses threshold, linear between passing and failing (size, ratio)."""

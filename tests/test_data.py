@@ -497,7 +497,7 @@ def test_export_of_float_digits_writes_their_8bit_rounding(tmp_path):
 
 
 @pytest.mark.parametrize('args, message', [
-    (['--sizes', '20', '--export', 'set.npz'], 'must end in .zip'),
+    (['--sizes', '20', '--export', 'set.npz'], 'ending in .zip'),
     (['--sizes', '20,40', '--export', 'set.zip'], 'exactly one size'),
     (['--export', 'set.zip'], 'exactly one size'),
     (['--sizes', '1797', '--export', 'set.zip'], 'fewer than its share'),

@@ -140,12 +140,12 @@ def test_measure_resumed_after_interrupt_in_training_equals_uninterrupted(tmp_pa
     clean = measure_in(tmp_path / 'a')
     with pytest.raises(KeyboardInterrupt):                   # after snapshot 2, during step 3
         measure_in(tmp_path / 'b', Interrupt('train', 3), monkeypatch)
-    assert (tmp_path / 'b' / 'work' / 'n16.state.pt').exists()
+    assert (tmp_path / 'b' / 'work' / 'n16.pt').exists()
     steps = []
     resumed = measure_in(tmp_path / 'b', lambda kind, done, total: steps.append(done)
                          if kind == 'train' else None, monkeypatch)
     assert resumed == clean and min(steps) == 3
-    assert not (tmp_path / 'b' / 'work' / 'n16.state.pt').exists()
+    assert not (tmp_path / 'b' / 'work' / 'n16.pt').exists()
 
 
 def test_measure_resumed_after_interrupt_in_sampling_keeps_every_snapshot(tmp_path, monkeypatch):

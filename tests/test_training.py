@@ -473,10 +473,10 @@ def test_a_tampered_resume_state_is_read_weights_only_and_runs_nothing(tmp_path,
     import run_emm
     exploit, marker = hostile
     (tmp_path / 'work').mkdir()
-    torch.save(dict(net=exploit), tmp_path / 'work' / 'n16.state.pt')
+    torch.save(dict(state=dict(net=exploit)), tmp_path / 'work' / 'n16.pt')
     cfg = memdiff.EMMConfig(model_channels=8, train=memdiff.TrainConfig(train_steps=2, batch=4,
                                                                        snapshots=1), samples=4)
-    with pytest.raises(ValueError, match='n16.state.pt'):
+    with pytest.raises(ValueError, match='n16.pt'):
         run_emm.measure_size(cfg, memdiff.load_dataset('digits'), 16, tmp_path,
                              torch.device('cpu'), lambda *a: None)
     assert not marker.exists()

@@ -1,13 +1,21 @@
-"""Benchmarks of memdiff against one-matrix baselines, measured side by side in one process.
+"""Benchmarks of memdiff, each against a baseline measured side by side in the same process.
 
-Run by hand (not part of the test suite):  python tests/bench.py [--quick]
-Prints a table of time ratios against each baseline (below 1.0 is faster than the baseline),
-achieved GFLOP/s against a plain matmul of the same shapes, the peak memory of the optimum, and the
-U-Net's training step against a straightforward one with each speed lever's effect and its floor
-(the convolutions' time alone, which both share, against the straightforward step). Ratios, not
-absolute times, are the targets: the machine is shared. The training steps are timed in CPU time
-of this process, which does not count the time the machine gives other jobs; run them with
-OMP_NUM_THREADS=1 on a busy machine (idle OpenMP threads spin and are counted).
+    python tests/tools/bench.py [--quick]       (by hand; not part of the test suite)
+
+Method: candidates run interleaved round by round and the minimum time of each is kept, so load on
+a shared machine hits them alike; only ratios mean anything, never the absolute times. It prints:
+  1. the optimum D* and the top-2 neighbour search against their one-matrix formulas (cdist,
+     softmax, matmul over the whole training set), with GFLOP/s against a plain matmul, and the
+     optimum without its denormal flush at CIFAR's d = 3072;
+  2. the optimum's peak extra memory (a fresh process, peak RSS reset through /proc) against one
+     B x N float32 matrix;
+  3. the U-Net's training step as train() takes it (fused Adam, one foreach EMA pass, fused
+     GroupNorm, attention and resampling) against a straightforward step of the same weights, in
+     CPU time of this process, and the convolutions' share of it (torch's profiler): the floor no
+     fusion of the rest can pass;
+  4. the probes of one snapshot against sampling 1,000 images (the default snapshot), and both
+     against a default size (1,500 training steps, 3 snapshots, the optimum sampled once).
+Run the training rows with OMP_NUM_THREADS=1 on a busy machine (idle OpenMP threads spin).
 """
 
 import argparse
@@ -20,7 +28,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(__import__('pathlib').Path(__file__).resolve().parents[1]))
+ROOT = __import__('pathlib').Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
 import memdiff  # noqa: E402
 
 def best_time(fn, repeat):
@@ -75,27 +84,6 @@ def bench_optimum(N, d, B, repeat):
             (f'top-2 neighbours (N={N}, d={d}, B={B})', t_nn, t_nn_base, flops / 2 / t_nn / 1e9,
              flops / 2 / t_xy / 1e9)]
 
-def top2_steps(N=1797, d=64, B=512, seconds=2.0):
-    """The steps of memdiff's top-2 search timed one by one: (name, seconds), the product x y^T first."""
-    g = torch.Generator().manual_seed(0)
-    y, x = torch.rand(N, d, generator=g) * 2 - 1, torch.rand(B, d, generator=g) * 2 - 1
-    minus_2x, y_sq = -2 * x, torch.linalg.vector_norm(y, dim=1).square_()
-    d2 = torch.mm(minus_2x, y.T).add_(y_sq)
-    nb = N // 8                                             # the 8 strided blocks of _smallest
-    i, work = memdiff._smallest(d2, 2)[1], d2.clone()       # work: a matrix to add to
-    steps = {'the product x yT (the baseline of the rate)': lambda: x @ y.T,
-             'the whole search (nearest_neighbors)': lambda: memdiff.nearest_neighbors(x, y),
-             '-2x and the norms ||y||^2': lambda: (-2 * x, torch.linalg.vector_norm(y, dim=1).square_()),
-             'the product -2x yT': lambda: torch.mm(minus_2x, y.T),
-             'adding ||y||^2 in place': lambda: work.add_(y_sq),
-             'selecting the 2 smallest (_smallest)': lambda: memdiff._smallest(d2, 2),
-             '  of which the block minima (one amin)':
-                 lambda: d2.as_strided((B, 8, nb), (N, nb, 1)).amin(1),
-             'exact distances of the 2 winners, sorted':
-                 lambda: torch.linalg.vector_norm(x[:, None] - y[i], dim=2).sort(dim=1),
-             'cdist + topk (the baseline of the time)': lambda: top2_one_matrix(x, y)}
-    return list(zip(steps, paired(list(steps.values()), 7, seconds)))
-
 def _status_kib(key):
     """A field of /proc/self/status in KiB (VmRSS, VmHWM)."""
     with open('/proc/self/status') as f:
@@ -114,7 +102,7 @@ def peak_memory_child(B, N, d, mode):
     return (_status_kib('VmHWM') - before) * 1024
 
 def peak_memory(B, N, d, mode):
-    code = (f'import sys; sys.path.insert(0, {str(memdiff.DATA_DIR.parent)!r}); '
+    code = (f'import sys; sys.path.insert(0, {str(ROOT)!r}); '
             f'sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parent)!r}); '
             f'import bench; print(bench.peak_memory_child({B}, {N}, {d}, {mode!r}))')
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
@@ -208,7 +196,8 @@ def convolution_share(step, rounds=3):
 def unet_training(res, channels, mult, blocks, attn, batch, in_ch, repeat, levers=True):
     """Training steps of memdiff's U-Net against the unfused one, same weights, same loss, timed by
     CPU time over interleaved rounds -> dict of seconds per step (and sampler evaluations/s)."""
-    cfg = memdiff.EMMConfig(model_channels=channels, channel_mult=mult, num_blocks=blocks, attn=attn)
+    cfg = memdiff.EMMConfig(model_channels=channels, channel_mult=mult, num_blocks=blocks,
+                            attn_resolutions=attn)
     torch.manual_seed(0)
     fused = memdiff.build_network(cfg, (in_ch, res, res), 0)
     y = torch.rand(batch, in_ch, res, res, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -234,56 +223,24 @@ def unet_training(res, channels, mult, blocks, attn, batch, in_ch, repeat, lever
     times['evals/s'] = batch * (2 * n - 1) / t_sample
     return times
 
-def sampling_batches(batches=(250, 1000, 4000), num=4000, repeat=3):
-    """CPU seconds per sample of generate()'s network evaluations at each batch size (digits default)."""
+def probe_cost(n=32, repeat=3):
+    """CPU seconds of one snapshot's probes, of sampling 1,000 images, of a training step and of
+    sampling the optimum once, at the digits default (size n, the network at initialisation)."""
     cfg = memdiff.EMMConfig()
+    images, labels = memdiff.load_dataset('digits')
+    y, c, _ = memdiff.training_set(images, labels, n, cfg)
     torch.manual_seed(0)
     net = memdiff.build_network(cfg, (1, 8, 8), 0).eval()
-    z = torch.randn(num, 1, 8, 8)
-    sigma = torch.full([], 2.0)
-
-    def run(b):
-        def call():
-            with torch.no_grad():
-                for s in range(0, num, b):
-                    net(z[s:s + b], sigma)
-        return call
-    return dict(zip(batches, (t / num for t in paired([run(b) for b in batches], repeat,
-                                                       clock=time.process_time))))
-
-def compiled_training(steps=1500, repeat=5):
-    """torch.compile of the digits network's training step: (compile seconds, compiled / eager step,
-    end-to-end ratio of `steps` steps including the compile), or None without a working compiler."""
-    cfg = memdiff.EMMConfig()
-    torch.manual_seed(0)
-    net = memdiff.build_network(cfg, (1, 8, 8), 0)
-    y = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    other = copy.deepcopy(net)
-    eager, compiled = _step_through(net, net, y), _step_through(torch.compile(other), other, y)
-    try:
-        from torch._inductor import config as inductor
-        inductor.force_disable_caches = True                # a cold compile, as a fresh run's
-        start = time.process_time()
-        compiled()                                          # the first call compiles
-        t_compile = time.process_time() - start
-    except Exception as e:                                  # no C compiler, no backend: skip
-        print(f'(torch.compile unavailable: {type(e).__name__})')
-        return None
-    t_eager, t_comp = paired([eager, compiled], repeat, clock=time.process_time)
-    return t_compile, t_comp / t_eager, (t_compile + steps * t_comp) / (steps * t_eager)
-
-def _step_through(model, precond, y):
-    """A fast training step whose loss calls model (a compiled wrapper of precond)."""
-    params = list(precond.parameters())
-    opt = torch.optim.Adam(params, lr=1e-4, fused=True)
-    g = torch.Generator().manual_seed(0)
-
-    def step():
-        loss = memdiff.edm_loss(model, y, generator=g, **precond.loss_constants()).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return step
+    optimum, gaussian = memdiff.OptimalDenoiser(y.double()), memdiff.GaussianDenoiser(y)
+    probes = memdiff.probe_set(images, labels, n, cfg)
+    cpu = torch.device('cpu')
+    t_probe, t_sample, t_optimum = paired([
+        lambda: memdiff.probe(net, probes, optimum, gaussian),
+        lambda: memdiff.generate(net, 1000, (1, 8, 8), 0, cpu),
+        lambda: memdiff.generate(optimum, 1000, (1, 8, 8), 0, cpu)], repeat, clock=time.process_time)
+    step = training_step(memdiff.build_network(cfg, (1, 8, 8), 0), y[torch.arange(64) % n], True)
+    t_step = paired([step], repeat, clock=time.process_time)[0]
+    return t_probe, t_sample, t_step, t_optimum
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -300,11 +257,13 @@ def main():
             print(f'| {name} | {t:.4f} | {tb:.4f} | {t / tb:.2f}x | {gf:.1f} | {gm:.1f} | '
                   f'{gf / gm:.2f} |')
 
-    steps = top2_steps()
-    print('\nThe top-2 search at (N=1797, d=64, B=512), step by step:\n\n| step | ms | x the product |'
-          '\n|---|---|---|')
-    for name, t in steps:
-        print(f'| {name} | {t * 1e3:.3f} | {t / steps[0][1]:.2f} |')
+    g = torch.Generator().manual_seed(0)
+    y, x = torch.rand(5000, 3072, generator=g) * 2 - 1, torch.rand(128, 3072, generator=g) * 2 - 1
+    flush, no_flush = memdiff.OptimalDenoiser(y), memdiff.OptimalDenoiser(y)
+    no_flush.log_tiny = -float('inf')                       # threshold_ then changes nothing
+    t_flush, t_none = paired([lambda: flush(x, 1.0), lambda: no_flush(x, 1.0)], repeat)
+    print(f'\nThe optimum at (N=5000, d=3072, B=128) without flushing sub-normal weights takes '
+          f'{t_none / t_flush:.1f}x the time with it.')
 
     B, N, d = 2048, 20000 if not args.quick else 5000, 3072
     matrix = B * N * 4
@@ -329,18 +288,12 @@ def main():
               f"{t['conv share'] * m / t['unfused']:.2f}x | {t['channels-last'] / m:.2f}x | "
               f"{t['no nan_to_num'] / m:.2f}x | {t['evals/s']:.0f} |")
 
-    per_sample = sampling_batches(repeat=max(3, repeat // 2))
-    base = per_sample[1000]
-    print('\nSampling batch (digits default), CPU time per network evaluation of one sample, against '
-          'the default 1000: ' + ', '.join(f'{b}: {t / base:.2f}x' for b, t in per_sample.items()))
-
-    if not args.quick:
-        out = compiled_training()
-        if out is not None:
-            t_compile, ratio, end_to_end = out
-            print(f'\ntorch.compile, digits default: compiling took {t_compile:.0f} s of CPU time; '
-                  f'a compiled step takes {ratio:.2f}x an eager one; 1,500 steps with the compile '
-                  f'take {end_to_end:.2f}x eager.')
+    t_probe, t_sample, t_step, t_optimum = probe_cost(repeat=max(3, repeat // 2))
+    size = 1500 * t_step + 3 * (t_sample + t_probe) + t_optimum
+    print(f'\nProbes of one snapshot (digits default, |D| = 32): {t_probe:.2f} s of CPU time, '
+          f'{t_probe / t_sample:.3f}x sampling 1,000 images ({t_sample:.1f} s); three snapshots\' '
+          f'probes are {3 * t_probe / size:.1%} of a default size ({size:.0f} s: 1,500 steps of '
+          f'{t_step * 1e3:.0f} ms, 3 sampled snapshots, the optimum sampled once).')
 
 if __name__ == '__main__':
     main()

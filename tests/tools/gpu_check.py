@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import memdiff  # noqa: E402
 from bench import optimum_one_matrix, plain_matmul, top2_one_matrix  # noqa: E402

@@ -1,6 +1,6 @@
 """Mutation testing of memdiff.py's science: plant one-line bugs, count the ones the suite catches.
 
-    OMP_NUM_THREADS=1 nice -n 19 python tests/mutate.py [--sections 2,5] [--every K --seed S]
+    OMP_NUM_THREADS=1 nice -n 19 python tests/tools/mutate.py [--sections 2,5] [--every K --seed S]
                                                         [--jobs J] [--list] [--out FILE]
 
 Each mutant changes one node of the syntax tree of sections 1-9 (not the appendix that reads the
@@ -22,7 +22,7 @@ runs longer than the timeout is killed and counted apart. Hypothesis runs the 'c
 examples (derandomized) without shrinking: the same mutant gives the same verdict on every run.
 
 Output: one line per surviving mutant, then the score killed / (killed + survived), timeouts counted
-as killed and shown apart. Mutants listed in tests/MUTANTS.md as equivalent are reported as such when
+as killed and shown apart. Mutants listed in tests/tools/MUTANTS.md as equivalent are reported as such when
 their description matches (section, function and the change), and leave the score's denominator.
 """
 
@@ -44,21 +44,22 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / 'memdiff.py'
-EQUIVALENT_FILE = ROOT / 'tests' / 'MUTANTS.md'
+EQUIVALENT_FILE = ROOT / 'tests' / 'tools' / 'MUTANTS.md'
 
 # The test files that check each section (the suite is organised by section).
 SECTION_TESTS = {
     1: ['test_data.py'],
     2: ['test_network.py'],
     3: ['test_network.py'],
-    4: ['test_network.py', 'test_training.py'],
-    5: ['test_sampler.py'],
-    6: ['test_optimum.py'],
+    4: ['test_network.py', 'test_training.py', 'test_probes.py'],
+    5: ['test_sampler.py', 'test_measure.py'],
+    6: ['test_optimum.py', 'test_probes.py'],
     7: ['test_metric.py'],
     8: ['test_ranks.py', 'test_training.py'],      # test_ranks first: seconds, and it alone runs DDP
-    9: ['test_ranks.py', 'test_search.py', 'test_tau.py', 'test_metric.py', 'test_measure.py'],
+    9: ['test_ranks.py', 'test_search.py', 'test_tau.py', 'test_metric.py', 'test_measure.py',
+        'test_probes.py'],
 }
 
 COMPARE = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
