@@ -399,11 +399,9 @@ class Resample(nn.Module):
         return F.conv_transpose2d(x, w * 4, groups=C, stride=2, padding=self.pad)
 
 class DownConv(nn.Conv2d):
-    """EDM's fused down-sampling 3x3 conv (NCSN++'s residual input path): [B,Cin,H,W] -> [B,Cout,H/2,W/2].
-
-    Convolve with padding 1 + (taps - 1)//2 (no bias), filter with stride 2 and no padding, add the
-    bias last. Conv-then-Resample would pad twice with zeros and differ at the borders.
-    """
+    """EDM's fused down-sampling 3x3 conv (NCSN++'s residual input path): [B,Cin,H,W] -> [B,Cout,H/2,W/2]."""
+    # Convolve with padding 1 + (taps - 1)//2 (no bias), filter with stride 2 and no padding, add
+    # the bias last: conv-then-Resample would pad twice with zeros and differ at the borders.
     def __init__(self, cin, cout, taps=(1, 3, 3, 1)):
         super().__init__(cin, cout, 3, padding=1 + (len(taps) - 1) // 2)
         self.down = Resample('down', taps, pad=0)           # no parameters, no state_dict entries
@@ -468,11 +466,8 @@ class UNet(nn.Module):
             raise ValueError(f'skips must be {num_skips} values of 0/1 (one per encoder output), '
                              f'got {skips}')
         # The constructor's arguments, enough to rebuild this network (save_network, load_network).
-        self.config = dict(img_resolution=img_resolution, in_channels=in_channels,
-                           out_channels=out_channels, label_dim=label_dim,
-                           model_channels=model_channels, channel_mult=list(channel_mult),
-                           num_blocks=num_blocks, attn_resolutions=list(attn_resolutions),
-                           dropout=dropout, arch=arch, embedding=embedding, skips=list(skips))
+        self.config = {k: list(v) if isinstance(v, tuple) else v for k, v in locals().items()
+                       if k not in ('self', '__class__', 'num_skips')}
         self.label_dim, self.img_resolution = label_dim, img_resolution
         self.in_channels, self.out_channels = in_channels, out_channels
         self.arch, self.embedding, self.skips = arch, embedding, skips
@@ -594,11 +589,7 @@ def vp_sigma_inv(sigma, beta_d=BETA_D, beta_min=BETA_MIN):
     return ((beta_min ** 2 + 2 * beta_d * (1 + sigma ** 2).log()).sqrt() - beta_min) / beta_d
 
 class Precond(nn.Module):
-    """D(x [B,C,H,W], sigma [B] or float, labels [B,L] or [B] ints) -> denoised [B,C,H,W] (float32).
-
-    sigma_min, sigma_max: the noise levels the network supports (VE: its training range; VP:
-    [sigma(epsilon_t), sigma(1)]; EDM: [0, inf]), with EDM's names; the sampler stays inside them.
-    """
+    """D(x [B,C,H,W], sigma [B] or float, labels [B,L] or [B] ints) -> denoised [B,C,H,W] (float32)."""
     def __init__(self, net, kind='edm', sigma_data=SIGMA_DATA, beta_d=BETA_D, beta_min=BETA_MIN,
                  M=M, epsilon_t=EPSILON_T, sigma_min=None, sigma_max=None):
         super().__init__()
@@ -607,6 +598,8 @@ class Precond(nn.Module):
         self.net, self.kind, self.sigma_data = net, kind, sigma_data
         self.beta_d, self.beta_min, self.M, self.epsilon_t = beta_d, beta_min, M, epsilon_t
         self.label_dim = getattr(net, 'label_dim', 0)
+        # The noise levels the network supports, EDM's sigma_min and sigma_max: VE its training
+        # range, VP [sigma(epsilon_t), sigma(1)], EDM [0, inf]. The sampler stays inside them.
         if kind == 'vp':                                    # in float32, as EDM computes them
             default = tuple(float(vp_sigma(torch.tensor(t, device='cpu'), beta_d, beta_min))
                             for t in (epsilon_t, 1.0))
@@ -1229,12 +1222,14 @@ def score(samples, y, mem_threshold=1/3):
 # class, which the first-k rule leaves out), at PROBE_SIGMAS levels log-spaced over the sampler's
 # range, with noise drawn once from PROBE_SEED, the same for every snapshot and size. Per level:
 #   the loss lambda(sigma) ||D(y + sigma n) - y||^2 on training and on held-out images;
-#   the network's RMS distance per pixel to D* and to D_G over all probe inputs.
+#   the network's RMS distance per pixel to D* and to D_G, on each side.
 # Each is averaged over the levels with the density p(sigma) with which the loss draws them, and
-# the optimum share is s = d(net, D_G) / (d(net, D*) + d(net, D_G)) of those averages: 1 when the
-# network is D*, 0 when it is D_G. The distances compare clean-image estimates, in pixel units at
-# every level, so lambda does not enter them; a level where D* and D_G coincide (large sigma) adds
-# little to either, where a ratio per level would be 0/0 there.
+# the optimum share is s = d(net, D_G) / (d(net, D*) + d(net, D_G)) of those averages on the
+# training side: 1 when the network denoises its training images as D* does (back to the image),
+# 0 when as D_G does. On held-out images a network with c_out ~ sigma stays near its input at small
+# sigma whatever it learned, while D* jumps to the nearest training image: that side measures the
+# data more than the network, and is recorded beside the share, not in it. The distances compare
+# clean-image estimates, in pixel units at every level, so lambda does not enter them.
 PROBE_IMAGES, PROBE_SIGMAS, PROBE_SEED = 64, 16, 0  # images a side (about), noise levels, seed
 
 def probe_set(images, labels, n, cfg):
@@ -1257,7 +1252,7 @@ def probe_set(images, labels, n, cfg):
 @torch.no_grad()
 def probe(precond, probes, optimum, gaussian, sigma_min=0.002, sigma_max=80):
     """precond against D* and D_G on the probe inputs -> dict(share, loss_train, loss_held, gap,
-    dist_opt, dist_gauss, probe=dict of sigma, weight and the same per level [PROBE_SIGMAS])."""
+    dist_opt, dist_gauss (training side), probe=dict of the same per level, and the held-out side's)."""
     lo, hi = sigma_range(precond, sigma_min, sigma_max)
     sigma = torch.logspace(math.log10(lo), math.log10(hi), PROBE_SIGMAS, dtype=torch.float64)
     y, held, c = probes['y'], probes['held'], probes['labels']
@@ -1267,11 +1262,14 @@ def probe(precond, probes, optimum, gaussian, sigma_min=0.002, sigma_max=80):
         D = precond(x, s, c).double()
         lam = (s ** 2 + precond.sigma_data ** 2) / (s * precond.sigma_data) ** 2 \
             if precond.kind == 'edm' else 1 / s ** 2        # lambda(sigma) [2, Table 1]
-        loss = lam * (D - y.double()).flatten(1).square().sum(1)  # [P]
-        rows['loss_train'].append(loss[~held].mean().item())
-        rows['loss_held'].append(loss[held].mean().item() if held.any() else math.nan)
-        for name, closed in (('dist_opt', optimum), ('dist_gauss', gaussian)):
-            rows[name].append((D - closed(x.double(), s, c)).square().mean().sqrt().item())
+        errors = dict(loss=lam * (D - y.double()).flatten(1).square().sum(1),  # [P] each
+                      dist_opt=(D - optimum(x.double(), s, c)).flatten(1).square().mean(1),
+                      dist_gauss=(D - gaussian(x.double(), s, c)).flatten(1).square().mean(1))
+        for side, rows_of in (('_train', ~held), ('_held', held)):
+            for name, e in errors.items():
+                v = e[rows_of].mean().item() if rows_of.any() else math.nan
+                rows[name + side if name == 'loss' or side == '_held' else name].append(
+                    v if name == 'loss' else math.sqrt(v))  # distances: RMS per pixel
     p = sigma_density(precond, sigma).tolist()
 
     def mean(values):                                       # weighted by p over finite values
@@ -1285,10 +1283,10 @@ def probe(precond, probes, optimum, gaussian, sigma_min=0.002, sigma_max=80):
     return dict(out, probe=dict(sigma=sigma.tolist(), weight=[w / sum(p) for w in p], **rows))
 
 def measure(images, labels, n, cfg, device=torch.device('cpu'), resume=None, progress=None):
-    """Memorization of the training set of size n -> yields (snapshot, samples, state) at each
-    snapshot: snapshot = dict(step, ratio, ci (, ratio_study, duplicates; unconditional for the
-    optimum), and the probe's share, losses, gap); samples = dict(samples [B,C,H,W], classes [B],
-    d1, d2, index: score's); state and resume as in train() (the optimum: one snapshot at step 0)."""
+    """Memorization of the training set of size n -> yields (snapshot, samples, state) per snapshot."""
+    # snapshot: step, ratio, ci (ratio_study, duplicates; unconditional for the optimum) and the
+    # probe's; samples: samples [B,C,H,W], classes [B] and score's d1, d2, index; state and resume
+    # as in train(). The optimum yields one snapshot, at step 0, and no state.
     y, c, label_dim = training_set(images, labels, n, cfg)
     y, c = y.to(device), None if c is None else c.to(device)
     optimum, gaussian = OptimalDenoiser(y.double(), c), GaussianDenoiser(y, c)
@@ -1555,11 +1553,9 @@ _UNET_BOUNDS = dict(img_resolution=4096, in_channels=64, out_channels=64, label_
                     model_channels=4096, num_blocks=64)
 
 def _unet_from_state(config, state, source, edm=False):
-    """memdiff's UNet(**config) holding the tensors of state (EDM's q, k, v layout when edm).
-
-    The network is first built on the meta device, which allocates nothing, and every stored tensor
-    is compared with it, shape and storage: a file can only make memdiff allocate what it holds.
-    """
+    """memdiff's UNet(**config) holding the tensors of state (EDM's q, k, v layout when edm)."""
+    # Built first on the meta device, which allocates nothing, and every stored tensor compared
+    # with it, shape and storage: a file can only make memdiff allocate about what it holds.
     if not isinstance(config, dict) or not isinstance(state, dict):
         _fail(source, 'the network is stored without its U-Net arguments and tensors')
     for key, bound in _UNET_BOUNDS.items():
@@ -1698,12 +1694,8 @@ def _load_memdiff_network(path):
     return Precond(_unet_from_state(data.get('unet'), data.get('state'), path), **settings)
 
 def load_network(path):
-    """Denoiser (x, sigma, class_labels) -> D(x; sigma): memdiff's Precond(UNet) in eval mode.
-
-    Reads the study's (EDM's) network-snapshot-*.pkl, its 'ema' entry, without the study's code and
-    without running any code from the file; or a file written by save_network. Every failure is a
-    ValueError naming the file, and a file costs about its own size in memory.
-    """
+    """The study's network-snapshot-*.pkl (its 'ema') or a save_network file -> Precond(UNet), eval."""
+    # No code from the file runs, nor the study's code; every failure is a ValueError naming the file.
     path = Path(path)
     if not path.is_file():
         _fail(path, 'no such file')

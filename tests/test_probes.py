@@ -188,37 +188,37 @@ def test_the_optimum_has_share_one_and_the_gaussian_share_zero(n):
 
 
 def test_probe_losses_and_distances_equal_their_definitions():
-    """Per level: loss = lambda(sigma) ||D(y + sigma n) - y||^2 averaged over training / held-out
-    probes, distances the RMS per pixel to D* and D_G over all probes; the single numbers are the
-    p(sigma)-weighted means, gap = held-out loss - training loss, share = d_G / (d_* + d_G)."""
+    """Per level: loss = lambda(sigma) ||D(y + sigma n) - y||^2 averaged over the training and the
+    held-out probes, and the RMS distance per pixel to D* and to D_G on each side; the single
+    numbers are the p(sigma)-weighted means, gap = held-out loss - training loss, and the share
+    d_G / (d_* + d_G) of the training side."""
     probes, optimum, gaussian = probes_of(24)
     net = AsPrecond(lambda x, s, c: 0.7 * x)                 # a shrinkage: neither closed form
     out = memdiff.probe(net, probes, optimum, gaussian)
     sigma = torch.logspace(math.log10(0.002), math.log10(80), memdiff.PROBE_SIGMAS,
                            dtype=torch.float64)
     p = memdiff.sigma_density(net, sigma)
-    w = p / p.sum()
+    w = (p / p.sum()).tolist()
     y, held = probes['y'].double(), probes['held']
-    losses, shares = {False: [], True: []}, []
+    expected = {k: [] for k in ('loss_train', 'loss_held', 'dist_opt', 'dist_gauss', 'dist_opt_held',
+                                'dist_gauss_held')}
     for k, s in enumerate(sigma.tolist()):
         x = y + s * probes['noise'][:, k].double()
         D = 0.7 * x
-        lam = (s ** 2 + 0.25) / (s * 0.5) ** 2
-        err = lam * ((D - y) ** 2).flatten(1).sum(1)
-        for side in (False, True):
-            losses[side].append(err[held == side].mean().item())
-        d_opt = ((D - optimum(x, s)) ** 2).mean().sqrt().item()
-        d_g = ((D - gaussian(x, s)) ** 2).mean().sqrt().item()
-        assert out['probe']['dist_opt'][k] == pytest.approx(d_opt, rel=1e-6)
-        assert out['probe']['dist_gauss'][k] == pytest.approx(d_g, rel=1e-6)
-        shares.append((d_opt, d_g))
-    assert out['probe']['weight'] == pytest.approx(w.tolist())
-    assert out['loss_train'] == pytest.approx(sum(a * b for a, b in zip(w.tolist(), losses[False])))
-    assert out['loss_held'] == pytest.approx(sum(a * b for a, b in zip(w.tolist(), losses[True])))
-    assert out['gap'] == pytest.approx(out['loss_held'] - out['loss_train'])
-    d_opt, d_g = (sum(a * s[i] for a, s in zip(w.tolist(), shares)) for i in (0, 1))
-    assert (out['dist_opt'], out['dist_gauss']) == (pytest.approx(d_opt), pytest.approx(d_g))
-    assert out['share'] == pytest.approx(d_g / (d_opt + d_g))
+        err = (s ** 2 + 0.25) / (s * 0.5) ** 2 * ((D - y) ** 2).flatten(1).sum(1)
+        for side, mask in (('_train', ~held), ('_held', held)):
+            expected['loss' + side].append(err[mask].mean().item())
+            suffix = '' if side == '_train' else side
+            for name, closed in (('dist_opt', optimum), ('dist_gauss', gaussian)):
+                expected[name + suffix].append(((D - closed(x, s))[mask] ** 2).mean().sqrt().item())
+    for key, values in expected.items():
+        assert out['probe'][key] == pytest.approx(values, rel=1e-6), key
+    assert out['probe']['weight'] == pytest.approx(w)
+    mean = {k: sum(a * b for a, b in zip(w, v)) for k, v in expected.items()}
+    for key in ('loss_train', 'loss_held', 'dist_opt', 'dist_gauss'):
+        assert out[key] == pytest.approx(mean[key])
+    assert out['gap'] == pytest.approx(mean['loss_held'] - mean['loss_train'])
+    assert out['share'] == pytest.approx(mean['dist_gauss'] / (mean['dist_opt'] + mean['dist_gauss']))
     assert 0 < out['share'] < 1
 
 
