@@ -937,7 +937,7 @@ class TrainConfig:
     snapshots: int = 3              # EMA snapshots scored, the last at the end
     snapshot_spacing: str = 'linear'  # 'linear' | 'log': geometric from ~1% of the steps to the end
     snapshot_images: int = None     # or one every so many images, on EDM's 50k-image ticks
-    precision: str = 'fp32'         # 'fp32' (the study) | 'tf32' | 'bf16' (autocast)
+    precision: str = 'fp32'         # 'fp32' (the study) | 'bf16': autocast of the network
 
     def total_steps(self, n):
         """Optimizer steps for a training set of n images."""

@@ -1,6 +1,6 @@
 """A short, prepared check of the GPU path, run by hand on a CUDA machine (not part of the suite).
 
-Run:  python tests/gpu_check.py [--steps 200] [--samples 1000] [--out DIR] [--parts 1234]
+Run:  python tests/tools/gpu_check.py [--steps 200] [--samples 1000] [--out DIR] [--parts 1234]
 1. the optimum, the metric, the sampler and the paper U-Net give on CUDA what they give on the CPU;
 2. the optimum and top-2 neighbours against their one-matrix baselines on the GPU, and the peak GPU
    memory of the optimum for 2,048 queries over 20,000 CIFAR-sized images;
@@ -48,7 +48,7 @@ def check(name, ok, detail=''):
     return ok
 
 def paper_config(**train):
-    return memdiff.EMMConfig(arch='ddpmpp', channels=128, channel_mult=(2, 2, 2), blocks=2,
+    return memdiff.EMMConfig(arch='ddpmpp', model_channels=128, channel_mult=(2, 2, 2), num_blocks=2,
                              attn_resolutions=(16,), dropout=0.13, embedding='positional',
                              train=memdiff.TrainConfig(precond='vp', lr=2e-4, **train))
 
@@ -134,7 +134,8 @@ def throughput(rows, batch=512, steps=8, sample_batch=1000):
     y = torch.rand(batch, 3, 32, 32, device=cuda) * 2 - 1
     for mode in ('fp32', 'tf32', 'bf16'):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = mode == 'tf32'
-        cfg = paper_config(batch=batch, steps=steps + 3, snapshots=1, amp=mode == 'bf16')
+        cfg = paper_config(batch=batch, train_steps=steps + 3, snapshots=1,
+                           precision='bf16' if mode == 'bf16' else 'fp32')
         torch.manual_seed(0)
         net = memdiff.build_network(cfg, (3, 32, 32), 0).to(cuda)
         marks = {}
@@ -168,8 +169,8 @@ def end_to_end(rows, steps, samples, out):
     outdir = Path('/tmp/paper')
     shutil.rmtree(outdir, ignore_errors=True)
     cmd = [sys.executable, str(ROOT / 'run_emm.py'), '--preset', 'paper', '--data', str(data),
-           '--steps', str(steps), '--snapshots', '1', '--samples', str(samples), '--sizes', '1000',
-           '--amp', '--device', 'cuda', '--outdir', str(outdir)]
+           '--train-steps', str(steps), '--snapshots', '1', '--samples', str(samples), '--sizes',
+           '1000', '--device', 'cuda', '--outdir', str(outdir)]
     print('  ' + ' '.join(cmd[1:]), flush=True)
     t = time.perf_counter()
     r = subprocess.run(cmd, text=True, capture_output=True)
@@ -178,9 +179,9 @@ def end_to_end(rows, steps, samples, out):
     if r.returncode == 0:
         rec = json.loads((outdir / 'results.json').read_text())
         p = rec['points'][0]
-        rows.append(f'end to end: {steps} steps of batch 512 (bf16) and {samples} samples at '
+        rows.append(f'end to end: {steps} steps of batch 512 (fp32) and {samples} samples at '
                     f'|D| = 1000 in {wall:.0f} s; ratio {p["ratio"]:.3f}, world size '
-                    f'{rec["world_size"]}')
+                    f'{p["world_size"]}')
         print('  ' + rows[-1], flush=True)
         if out:
             for f in ('results.json', 'results.csv', 'samples_n1000.png'):
