@@ -99,6 +99,9 @@ def _check_images(images, source):
     if images.shape[3] in (1, 3, 4) and images.shape[1] == images.shape[2] \
             and not (images.shape[1] in (1, 3, 4) and images.shape[2] == images.shape[3]):
         images = images.transpose(0, 3, 1, 2)               # NHWC -> NCHW (square images)
+    if images.shape[2] != images.shape[3]:
+        _fail(source, f'images must be square (N x C x H x H or N x H x H x C), got shape '
+              f'{tuple(images.shape)}')
     if images.dtype == np.uint8:
         return np.ascontiguousarray(images)
     if not np.issubdtype(images.dtype, np.integer) and not np.issubdtype(images.dtype, np.floating):
@@ -766,7 +769,6 @@ class OptimalDenoiser:
         self.half_sq = torch.linalg.vector_norm(self.y, dim=1).square_() / 2  # [N] ||y_i||^2 / 2
         self.log_tiny = math.log(torch.finfo(self.y.dtype).tiny)
         self.labels = None if labels is None else labels.to(self.y.device).long()
-        self.label_dim = 0 if labels is None else int(self.labels.max()) + 1
         self.chunk = int(chunk)
 
     def unseen(self, class_labels):
@@ -820,7 +822,6 @@ class GaussianDenoiser:
         self.shape = tuple(images.shape[1:])
         self.y = images.reshape(len(images), -1).double()   # [N, d]
         self.labels = None if labels is None else labels.to(self.y.device).long()
-        self.label_dim = 0 if labels is None else int(self.labels.max()) + 1
         self.moments = {}                                   # class (-1: the whole set) -> moments
 
     def __call__(self, x, sigma, class_labels=None):
@@ -1354,10 +1355,10 @@ def find_emm(ratio_at, lo, hi, threshold=0.9, step=1, tolerance=0.0, known=None)
     while failing is None and passing != hi:                # doubling: a failing size above a pass
         passing, failing = (n, None) if passes(n) else (passing, n)
         n = min(2 * n, hi)
-    while passing is not None and failing is not None and failing - passing > step \
+    while passing is not None and failing is not None \
             and failing - passing > tolerance * passing:   # bisection of the bracket
         mid = (passing + failing) // 2 // step * step
-        if mid <= passing:
+        if mid <= passing:                                  # the bracket is one step wide
             break
         passing, failing = (mid, failing) if passes(mid) else (passing, mid)
     if passing is None:

@@ -761,3 +761,11 @@ def test_a_data_set_larger_than_free_memory_is_refused_naming_the_sizes(tmp_path
     _write_npz(tmp_path / 'set.npz', images=np.zeros((5, 8, 8, 3), np.uint8))
     with pytest.raises(ValueError, match=r'5 x 8 x 8 x 3 images need'):
         memdiff.load_dataset(tmp_path / 'set.npz')
+
+
+@pytest.mark.parametrize('shape', [(3, 1, 6, 4), (3, 6, 4, 1), (3, 3, 8, 4)])
+def test_non_square_images_are_refused_naming_the_shape(tmp_path, shape):
+    """The U-Net takes square images: any other shape, in either layout, is one ValueError."""
+    path = _write_npz(tmp_path / 'x.npz', images=np.zeros(shape, np.uint8))
+    with pytest.raises(ValueError, match='must be square'):
+        memdiff.load_dataset(path)

@@ -751,3 +751,14 @@ def test_model_channels_are_positive_multiples_of_four(model_channels, ok):
     else:
         with pytest.raises(ValueError, match='model_channels'):
             build()
+
+
+def test_one_noise_label_for_the_batch_equals_one_per_sample():
+    """A single c_noise (the sampler's scalar sigma) is broadcast to every sample of the batch, for
+    any channel count: the output equals the one given the same label per sample."""
+    torch.manual_seed(0)
+    net = memdiff.UNet(8, 3, 3, model_channels=8, channel_mult=(1, 2), attn_resolutions=(4,)).eval()
+    x = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        one, each = net(x, torch.tensor([0.3])), net(x, torch.full([5], 0.3))
+    torch.testing.assert_close(one, each, rtol=1e-6, atol=1e-6)

@@ -46,6 +46,17 @@ def test_gaussian_denoiser_is_the_linear_solve_of_its_formula(n, b, shape, sigma
     torch.testing.assert_close(out.flatten(1), gaussian_by_hand(x, y, sigma), rtol=1e-9, atol=1e-9)
 
 
+@given(n=TRAIN_SIZES, b=BATCHES, shape=SHAPES, seed=SEEDS)
+def test_gaussian_denoiser_takes_one_sigma_per_sample(n, b, shape, seed):
+    """sigma [B] denoises each sample at its own level, as the optimum and Precond take it."""
+    y, x = draw(seed, n, *shape), draw(seed + 1, b, *shape)
+    sigma = torch.linspace(0.1, 3.0, b, dtype=torch.float64)
+    out = memdiff.GaussianDenoiser(y)(x, sigma)
+    for k in range(b):
+        torch.testing.assert_close(out[k].flatten(), gaussian_by_hand(x[k:k + 1], y, sigma[k].item())[0],
+                                   rtol=1e-9, atol=1e-9)
+
+
 @given(b=BATCHES, shape=SHAPES, sigma=SIGMAS, seed=SEEDS)
 def test_gaussian_denoiser_of_one_image_equals_the_optimum(b, shape, sigma, seed):
     """With one training image both closed forms return it, whatever the input and noise level."""
@@ -187,16 +198,20 @@ def test_the_optimum_has_share_one_and_the_gaussian_share_zero(n):
         assert out['share'] == pytest.approx(share, abs=1e-6)
 
 
-def test_probe_losses_and_distances_equal_their_definitions():
+@pytest.mark.parametrize('kind', ['edm', 'vp', 've'])
+def test_probe_losses_and_distances_equal_their_definitions(kind):
     """Per level: loss = lambda(sigma) ||D(y + sigma n) - y||^2 averaged over the training and the
     held-out probes, and the RMS distance per pixel to D* and to D_G on each side; the single
     numbers are the p(sigma)-weighted means, gap = held-out loss - training loss, and the share
     d_G / (d_* + d_G) of the training side."""
     probes, optimum, gaussian = probes_of(24)
     net = AsPrecond(lambda x, s, c: 0.7 * x)                 # a shrinkage: neither closed form
+    ranges = memdiff.Precond(torch.nn.Identity(), kind)      # the kind's sigma range and constants
+    for key in ('kind', 'sigma_min', 'sigma_max', 'beta_d', 'beta_min', 'epsilon_t'):
+        setattr(net, key, getattr(ranges, key))
     out = memdiff.probe(net, probes, optimum, gaussian)
-    sigma = torch.logspace(math.log10(0.002), math.log10(80), memdiff.PROBE_SIGMAS,
-                           dtype=torch.float64)
+    lo, hi = memdiff.sigma_range(ranges)
+    sigma = torch.logspace(math.log10(lo), math.log10(hi), memdiff.PROBE_SIGMAS, dtype=torch.float64)
     p = memdiff.sigma_density(net, sigma)
     w = (p / p.sum()).tolist()
     y, held = probes['y'].double(), probes['held']
@@ -205,7 +220,8 @@ def test_probe_losses_and_distances_equal_their_definitions():
     for k, s in enumerate(sigma.tolist()):
         x = y + s * probes['noise'][:, k].double()
         D = 0.7 * x
-        err = (s ** 2 + 0.25) / (s * 0.5) ** 2 * ((D - y) ** 2).flatten(1).sum(1)
+        lam = (s ** 2 + 0.25) / (s * 0.5) ** 2 if kind == 'edm' else 1 / s ** 2
+        err = lam * ((D - y) ** 2).flatten(1).sum(1)
         for side, mask in (('_train', ~held), ('_held', held)):
             expected['loss' + side].append(err[mask].mean().item())
             suffix = '' if side == '_train' else side

@@ -278,6 +278,7 @@ def test_emm_defaults_are_the_papers():
     assert (default(memdiff.find_emm, 'step'), default(memdiff.find_emm, 'tolerance')) == (1, 0.0)
     assert default(memdiff.score, 'mem_threshold') == 1 / 3
     assert default(memdiff.generate, 'num_steps') == 18
+    assert default(memdiff.nearest_neighbors, 'k') == 2          # d1 and d2
     # The onset law: the same cut, and the bootstrap of 1,000 replicates the README states.
     assert (default(memdiff.tau_law, 'threshold'), default(memdiff.tau_law, 'replicates')) == (0.9, 1000)
     assert default(memdiff.tau_mem, 'threshold') == 0.9

@@ -50,7 +50,7 @@ EQUIVALENT_FILE = ROOT / 'tests' / 'tools' / 'MUTANTS.md'
 
 # The test files that check each section (the suite is organised by section).
 SECTION_TESTS = {
-    1: ['test_data.py'],
+    1: ['test_data.py', 'test_probes.py'],     # held_out: the probes' held-out images
     2: ['test_network.py'],
     3: ['test_network.py'],
     4: ['test_network.py', 'test_training.py', 'test_probes.py'],
