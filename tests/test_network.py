@@ -412,8 +412,9 @@ def test_class_indices_never_build_a_one_hot(monkeypatch):
     assert largest < B * L                                     # even a bool one-hot is B * L bytes
 
 #----------------------------------------------------------------------------
-# The U-Net's values against a forward pass rebuilt by hand from SPEC section 5, reading only the
-# weights of memdiff's layers (the formulas, group counts, eps, factors and order are the test's own).
+# The U-Net's values against a forward pass rebuilt by hand from EDM's networks.py (SongUNet),
+# reading only the weights of memdiff's layers (the formulas, group counts, eps, factors and order
+# are the test's own).
 # Every weight is randomized first: EDM's init scales some layers to ~1e-5, which would hide a bug.
 
 Fn = torch.nn.functional
@@ -438,7 +439,7 @@ UNET_CASES = st.fixed_dictionaries({   # 8x8 or 16x16 images, 8 channels: fast a
 
 
 def ref_norm(layer, x):
-    """GroupNorm of SPEC 5: min(32, C // 4) groups, eps 1e-6, the layer's affine weight and bias."""
+    """EDM's GroupNorm: min(32, C // 4) groups, eps 1e-6, the layer's affine weight and bias."""
     C = x.shape[1]
     assert layer.num_groups == min(32, C // 4) and layer.eps == 1e-6
     return Fn.group_norm(x, min(32, C // 4), layer.weight, layer.bias, eps=1e-6)
@@ -455,7 +456,7 @@ def ref_linear(layer, x):
 
 
 def ref_resample(x, mode, taps):
-    """SPEC 5: depthwise FIR outer(taps) / sum(taps)^2, stride 2, padding (taps - 1) // 2; up: 4x
+    """EDM's resampling: depthwise FIR outer(taps) / sum(taps)^2, stride 2, padding (taps - 1) // 2; up: 4x
     the filter, transposed. Written with convolutions for every taps, [1, 1] included."""
     t = torch.tensor(taps, dtype=x.dtype)
     C, pad = x.shape[1], (len(taps) - 1) // 2
@@ -477,7 +478,7 @@ def ref_attention(block, x):
 
 
 def ref_block(block, x, emb, cin, cout, up=False, down=False, attention=False, taps=(1, 1)):
-    """Block of SPEC 5 by hand; also checks that memdiff built the layers the case needs."""
+    """EDM's UNetBlock by hand; also checks that memdiff built the layers the case needs."""
     resample = (lambda t: ref_resample(t, 'up' if up else 'down', taps)) if up or down else None
     assert (block.skip is not None) == (cin != cout or up or down)
     assert hasattr(block, 'qkv') == attention
@@ -493,7 +494,7 @@ def ref_block(block, x, emb, cin, cout, up=False, down=False, attention=False, t
 
 
 def ref_embedding(net, c_noise, class_labels, arch, embedding, model_channels, label_dim):
-    """Noise (and label) mapping of SPEC 5 -> e [B, 4 model_channels]."""
+    """EDM's noise (and label) mapping -> e [B, 4 model_channels]."""
     K = model_channels * (1 if arch == 'ddpmpp' else 2) // 2
     if embedding == 'positional':
         freqs = (1 / 10000) ** (torch.arange(K, dtype=torch.float64) / (K - 1))
@@ -510,7 +511,7 @@ def ref_embedding(net, c_noise, class_labels, arch, embedding, model_channels, l
 
 def ref_unet(net, x, c_noise, class_labels, img_resolution, in_channels, model_channels,
              channel_mult, num_blocks, attn_resolutions, arch, embedding, label_dim, skips):
-    """The whole U-Net of SPEC 5 by hand: encoder, skip stack, decoder, NCSN++'s aux path."""
+    """EDM's whole SongUNet by hand: encoder, skip stack, decoder, NCSN++'s aux path."""
     taps = (1, 1) if arch == 'ddpmpp' else (1, 3, 3, 1)
     emb = ref_embedding(net, c_noise, class_labels, arch, embedding, model_channels, label_dim)
     stack, aux, c = [], x, in_channels
@@ -569,7 +570,7 @@ def test_block_equals_the_spec_formulas_by_hand(case, seed):
 
 @given(case=UNET_CASES, seed=SEEDS)
 def test_unet_equals_the_spec_forward_by_hand(case, seed):
-    """The whole DDPM++ / NCSN++ U-Net (labels, attention, skip switches) equals SPEC 5 by hand."""
+    """The whole DDPM++ / NCSN++ U-Net (labels, attention, skip switches) equals EDM's SongUNet written by hand."""
     case = dict(case)
     res = case['img_resolution']
     attn = tuple(res >> level for level in case.pop('attn_levels'))
@@ -644,7 +645,7 @@ def test_initial_weights_follow_edms_xavier_gains_and_zero_biases(arch):
 
 
 def test_network_precond_and_loss_defaults_are_the_papers():
-    """SPEC 9 / 4.3 / 4.4: UNet's DDPM++ defaults, EDM/VP constants, P_mean, P_std, the VE range."""
+    """The papers' defaults: UNet's DDPM++ defaults, EDM/VP constants, P_mean, P_std, the VE range."""
     assert defaults(memdiff.UNet) == dict(
         label_dim=0, model_channels=128, channel_mult=(2, 2, 2), num_blocks=2,
         attn_resolutions=(16,), dropout=0.13, arch='ddpmpp', embedding=None, skips=None)

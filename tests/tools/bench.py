@@ -14,7 +14,8 @@ a shared machine hits them alike; only ratios mean anything, never the absolute 
      CPU time of this process, and the convolutions' share of it (torch's profiler): the floor no
      fusion of the rest can pass;
   4. the probes of one snapshot against sampling 1,000 images (the default snapshot), and both
-     against a default size (1,500 training steps, 3 snapshots, the optimum sampled once).
+     against a default size (1,500 training steps, 3 snapshots sampled and probed); --probes runs
+     only this part.
 Run the training rows with OMP_NUM_THREADS=1 on a busy machine (idle OpenMP threads spin).
 """
 
@@ -224,8 +225,8 @@ def unet_training(res, channels, mult, blocks, attn, batch, in_ch, repeat, lever
     return times
 
 def probe_cost(n=32, repeat=3):
-    """CPU seconds of one snapshot's probes, of sampling 1,000 images, of a training step and of
-    sampling the optimum once, at the digits default (size n, the network at initialisation)."""
+    """CPU seconds of one snapshot's probes, of sampling 1,000 images and of a training step, at the
+    digits default (size n, the network at initialisation)."""
     cfg = memdiff.EMMConfig()
     images, labels = memdiff.load_dataset('digits')
     y, c, _ = memdiff.training_set(images, labels, n, cfg)
@@ -234,19 +235,21 @@ def probe_cost(n=32, repeat=3):
     optimum, gaussian = memdiff.OptimalDenoiser(y.double()), memdiff.GaussianDenoiser(y)
     probes = memdiff.probe_set(images, labels, n, cfg)
     cpu = torch.device('cpu')
-    t_probe, t_sample, t_optimum = paired([
+    t_probe, t_sample = paired([
         lambda: memdiff.probe(net, probes, optimum, gaussian),
-        lambda: memdiff.generate(net, 1000, (1, 8, 8), 0, cpu),
-        lambda: memdiff.generate(optimum, 1000, (1, 8, 8), 0, cpu)], repeat, clock=time.process_time)
+        lambda: memdiff.generate(net, 1000, (1, 8, 8), 0, cpu)], repeat, clock=time.process_time)
     step = training_step(memdiff.build_network(cfg, (1, 8, 8), 0), y[torch.arange(64) % n], True)
     t_step = paired([step], repeat, clock=time.process_time)[0]
-    return t_probe, t_sample, t_step, t_optimum
+    return t_probe, t_sample, t_step
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--quick', action='store_true', help='fewer repeats, smaller memory test')
+    ap.add_argument('--probes', action='store_true', help='only the probes against sampling (4.)')
     args = ap.parse_args()
     repeat = 3 if args.quick else 7
+    if args.probes:
+        return report_probes(max(3, repeat // 2))
     print(f'# memdiff benchmarks, {time.strftime("%Y-%m-%d")}, {platform.processor() or platform.machine()}'
           f', {torch.get_num_threads()} threads, torch {torch.__version__}\n')
     print('| computation | memdiff (s) | one-matrix baseline (s) | time ratio | GFLOP/s | '
@@ -287,13 +290,15 @@ def main():
               f"{m / t['unfused']:.2f}x | {t['conv share']:.0%} | "
               f"{t['conv share'] * m / t['unfused']:.2f}x | {t['channels-last'] / m:.2f}x | "
               f"{t['no nan_to_num'] / m:.2f}x | {t['evals/s']:.0f} |")
+    report_probes(max(3, repeat // 2))
 
-    t_probe, t_sample, t_step, t_optimum = probe_cost(repeat=max(3, repeat // 2))
-    size = 1500 * t_step + 3 * (t_sample + t_probe) + t_optimum
+def report_probes(repeat):
+    t_probe, t_sample, t_step = probe_cost(repeat=repeat)
+    size = 1500 * t_step + 3 * (t_sample + t_probe)
     print(f'\nProbes of one snapshot (digits default, |D| = 32): {t_probe:.2f} s of CPU time, '
           f'{t_probe / t_sample:.3f}x sampling 1,000 images ({t_sample:.1f} s); three snapshots\' '
           f'probes are {3 * t_probe / size:.1%} of a default size ({size:.0f} s: 1,500 steps of '
-          f'{t_step * 1e3:.0f} ms, 3 sampled snapshots, the optimum sampled once).')
+          f'{t_step * 1e3:.0f} ms, 3 snapshots sampled and probed).')
 
 if __name__ == '__main__':
     main()
