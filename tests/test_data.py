@@ -252,6 +252,13 @@ def test_npz_round_trips(tmp_path, layout, dtype):
     assert loaded_labels.tolist() == labels.tolist()
 
 
+def test_npz_of_integer_images_in_range_loads_them_as_values_not_pixels(tmp_path):
+    """Integer images other than uint8 (int16 of -1, 0, 1 here) are values in [-1, 1], kept as floats."""
+    values = np.array([-1, 0, 1, 0], np.int16).reshape(1, 1, 2, 2).repeat(3, 0)
+    images, _ = memdiff.load_dataset(_write_npz(tmp_path / 'int.npz', images=values))
+    assert images.dtype == torch.float32 and torch.equal(images, torch.from_numpy(values).float())
+
+
 def test_npz_without_labels_loads_labels_none(tmp_path):
     """An npz holding only images loads with labels None."""
     path = _write_npz(tmp_path / 'unlabelled.npz', images=np.zeros((3, 1, 2, 2), np.uint8))
@@ -554,9 +561,9 @@ def test_cifar_batch_that_runs_a_command_is_refused(tmp_path, hostile):
     batches = [cifar_batch(k) for k in range(5)]
     batches[2]['labels'] = exploit
     path = write_cifar(tmp_path, batches)
-    with pytest.raises(ValueError, match='not a CIFAR-10 python archive'):
+    with pytest.raises(ValueError, match='not a CIFAR-10 python archive') as error:
         memdiff.load_dataset(path)
-    assert not marker.exists()
+    assert str(error.value).startswith(str(path) + ': ') and not marker.exists()
 
 
 # Every layout, range rule and file format, round-tripped.

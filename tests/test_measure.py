@@ -68,6 +68,8 @@ def test_study_latents_are_those_of_per_seed_generators():
         assert cs == torch.randint(10, size=[], generator=g)
     z2, none = memdiff.study_latents([5], (3, 4, 4), 0, torch.device('cpu'))
     assert none is None and torch.equal(z2[0], z[1])
+    z0, c0 = memdiff.study_latents([], (3, 4, 4), 10, torch.device('cpu'))  # a rank with no seeds
+    assert z0.shape == (0, 3, 4, 4) and c0.shape == (0,) and c0.dtype == torch.long
 
 
 def test_generate_draws_seeds_zero_to_n_whatever_the_batch():

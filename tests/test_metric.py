@@ -283,6 +283,20 @@ def test_the_cut_is_strict_at_exactly_one_third(dtype, shift, scale, chunk):
         assert memdiff.memorization_ratio(x, y, chunk=chunk) == float(d2_sq > 225)
 
 
+def test_the_studys_rule_is_strict_at_exactly_one_third_too():
+    """ratio_study (no deduplication) counts d1/d2 = 1/3 exactly as not memorized, a hair inside as
+    memorized: the same strict cut as the deduplicated ratio. Coordinates of +-1 stay exact on the
+    8-bit grid, and d^2 = 4 x (coordinates that differ): d1 = 2 against d2 = 6, sqrt(40), sqrt(32)."""
+    x = -torch.ones(1, 10, dtype=torch.float64)
+
+    def flipped(k):
+        return torch.cat([torch.ones(1, k), -torch.ones(1, 10 - k)], 1).double()
+    for second, memorized in ((flipped(9), False), (flipped(10), True), (flipped(8), False)):
+        y = torch.cat([flipped(1), second, flipped(10), flipped(10)])  # the last image twice
+        result, _ = memdiff.score(x, y)
+        assert result['duplicates'] >= 2 and result['ratio_study'] == float(memorized)
+
+
 @given(dtype=DTYPES, cut=st.sampled_from([(1, 2), (1, 4), (3, 5), (2, 3)]))
 def test_the_cut_is_strict_at_any_mem_threshold(dtype, cut):
     """With mem_threshold = p/q, a sample at d1/d2 = p/q exactly is not memorized, just inside is."""

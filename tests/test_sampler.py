@@ -223,6 +223,17 @@ def test_sampler_defaults_are_the_papers():
         + [0.0], dtype=torch.float64), rtol=1e-12, atol=0)
 
 
+def test_churn_with_the_default_range_and_noise_applies_at_every_level():
+    """S_churn alone: the defaults S_min = 0, S_max = inf, S_noise = 1 churn at every step, as EDM."""
+    latents = torch.randn(2, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    labels = torch.eye(3)[[0, 2]]
+    got = memdiff.edm_sampler(labelled_denoiser(), latents, labels, num_steps=6, S_churn=4,
+                              generator=torch.Generator().manual_seed(2))
+    expected = heun_by_hand(labelled_denoiser(), latents, labels, **{
+        **PAPER_SAMPLER, 'num_steps': 6, 'S_churn': 4}, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize('declared, expected', [
     ((0.02, 100.0), (0.02, 80.0)), ((0.0, 10.0), (0.002, 10.0)), ((0.01, 50.0), (0.01, 50.0))])
 def test_sampler_clamps_its_range_to_the_denoisers(declared, expected):
