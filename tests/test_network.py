@@ -456,8 +456,8 @@ def ref_linear(layer, x):
 
 
 def ref_resample(x, mode, taps):
-    """EDM's resampling: depthwise FIR outer(taps) / sum(taps)^2, stride 2, padding (taps - 1) // 2; up: 4x
-    the filter, transposed. Written with convolutions for every taps, [1, 1] included."""
+    """EDM's resampling: depthwise FIR outer(taps) / sum(taps)^2, stride 2, padding (taps - 1) // 2;
+    up: 4x the filter, transposed. Written with convolutions for every taps, [1, 1] included."""
     t = torch.tensor(taps, dtype=x.dtype)
     C, pad = x.shape[1], (len(taps) - 1) // 2
     f = (t.outer(t) / t.sum() ** 2).expand(C, 1, len(taps), len(taps))
@@ -555,7 +555,7 @@ def ref_unet(net, x, c_noise, class_labels, img_resolution, in_channels, model_c
 
 
 @given(case=BLOCK_CASES, seed=SEEDS)
-def test_block_equals_the_spec_formulas_by_hand(case, seed):
+def test_block_equals_edms_formulas_by_hand(case, seed):
     """Block(x, e) = ((conv1(SiLU(GN(conv0(resample(SiLU(GN x))) + A e))) + skip) / sqrt 2 [-> attention]."""
     cin, cout, up, down, attention, taps = case
     g = torch.Generator().manual_seed(seed)
@@ -569,8 +569,9 @@ def test_block_equals_the_spec_formulas_by_hand(case, seed):
 
 
 @given(case=UNET_CASES, seed=SEEDS)
-def test_unet_equals_the_spec_forward_by_hand(case, seed):
-    """The whole DDPM++ / NCSN++ U-Net (labels, attention, skip switches) equals EDM's SongUNet written by hand."""
+def test_unet_equals_edms_forward_by_hand(case, seed):
+    """The whole DDPM++ / NCSN++ U-Net (labels, attention, skip switches) equals EDM's SongUNet
+    written by hand."""
     case = dict(case)
     res = case['img_resolution']
     attn = tuple(res >> level for level in case.pop('attn_levels'))
