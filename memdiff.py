@@ -1,23 +1,18 @@
 """memdiff: a single-file reference implementation of "On Memorization in Diffusion Models".
 
-What is in this file, in the order of the science:
-  1. data           -- the study's training sets: first |D|/C images of each class, its label draws,
-                       LANCZOS down-sampling on uint8; the digits, .npz, CIFAR-10 and EDM's PNG zips
-  2. network        -- the DDPM++ / NCSN++ U-Net of the study, parameter for parameter [2, 3]
-  3. precond        -- EDM, VP and VE preconditioning D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) [2]
-  4. losses         -- per-sample denoising score-matching losses of EDM, VP and VE [2]
-  5. sampler        -- the EDM Heun sampler (Algorithm 2 of [2]) for *any* denoiser
-  6. closed forms   -- the optimal denoiser D* of a finite training set [1, eq. 4] and the Gaussian
-                       (best affine) denoiser D_G of its mean and covariance [5, 6]
-  7. metric         -- nearest neighbours, the memorization ratio and its Wilson interval [1, sec. 3]
-  8. training       -- the study's loop: Adam/SGD, lr ramp-up, its EMA modes, data order, snapshots
-  9. measurement    -- memorization of one training set, probes of the denoiser against the closed
-                       forms, the onset tau_mem [7], and the search for EMM [1, eq. 5]
-  Appendix          -- reading the study's network-snapshot-*.pkl without running code from it
-
-What is not: the run around the science (options, records, locks, resume files, pictures, sweeps,
-process group: run_emm.py), the authors' augmentation pipeline (the study trains without it), FID,
-and anything that needs a download at run time.
+In the order of the science:
+  1. data          the study's training sets (first |D|/C images of each class, its label draws,
+                   LANCZOS on uint8) from the digits, .npz, CIFAR-10 or EDM's PNG zips
+  2. network       the DDPM++ / NCSN++ U-Net of the study, parameter for parameter [2, 3]
+  3-4. precond     EDM, VP and VE: D(x; sigma) = c_skip x + c_out F(c_in x; c_noise), and losses [2]
+  5. sampler       EDM's Heun sampler (Algorithm 2 of [2]) for any denoiser
+  6. closed forms  the optimal denoiser D* [1, eq. 4] and the Gaussian denoiser D_G [5, 6]
+  7. metric        nearest neighbours, the memorization ratio, its Wilson interval [1, sec. 3]
+  8. training      the study's loop: Adam/SGD, lr ramp-up, its EMA modes, data order, snapshots
+  9. measurement   one size's memorization, probes against the closed forms, tau_mem [7], EMM [1, eq. 5]
+  Appendix         the study's network-snapshot-*.pkl, read without running code from it
+Not here: the run around the science (options, records, locks, resume, pictures, sweeps, process
+group: run_emm.py), the study's unused augmentation pipeline, FID, and any download.
 
 References:
   [1] X. Gu, C. Du, T. Pang, C. Li, M. Lin, Y. Wang. On Memorization in Diffusion Models.
@@ -63,24 +58,31 @@ from torch import nn
 DATA_DIRS = (Path(__file__).resolve().parent / 'data', Path(sysconfig.get_path('data')) / 'share' / 'memdiff')
 
 #----------------------------------------------------------------------------
-# 1. Data. Images are float32 [N, C, H, W] in [-1, 1] (the study scales pixels as u/127.5 - 1),
-# labels int64 [N] or None. The builders are the study's dataset tools [1, dataset_utils/]: the first
-# |D|/C images of each class in file order, LANCZOS down-sampling on uint8 pixels, and its label
-# draws. No augmentation, no x-flip: the study trains on the raw subset. A file costs about what it
-# holds: image sizes and array shapes are read from their headers and checked before decoding.
+# 1. Data. Images are float32 [N, C, H, W] in [-1, 1] (the study's u/127.5 - 1), labels int64 [N]
+# or None. The rules are the study's dataset tools [1, dataset_utils/]: the first |D|/C images of
+# each class, LANCZOS on uint8, its label draws; no augmentation. A file costs about what it holds:
+# sizes and shapes are read from its headers and checked before anything is decoded.
 
 MAX_PIXELS = 4096 * 4096        # per image: far above the study's 32 x 32, far below a bomb's
 
 def _fail(source, problem):
     raise ValueError(f'{source}: {problem}')
 
+@contextlib.contextmanager
+def _reading(path, what):
+    """Any failure while reading path becomes one ValueError: 'path: not <what> (why)'."""
+    try:
+        yield
+    except Exception as e:                                  # torch, pickle, zip, Pillow raise many
+        if isinstance(e, ValueError) and str(e).startswith(str(path)):
+            raise
+        _fail(path, f'not {what} ({type(e).__name__}: {e})')
+
 def _free_memory():
     """Bytes this machine can still give: MemAvailable on Linux, its physical memory elsewhere."""
-    try:
-        with open('/proc/meminfo') as f:
-            return next(int(l.split()[1]) * 1024 for l in f if l.startswith('MemAvailable:'))
-    except (OSError, StopIteration):
-        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    with contextlib.suppress(OSError, StopIteration), open('/proc/meminfo') as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith('MemAvailable:'))
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
 
 def _check_fits(source, shape):
     """Refuse a data set whose float32 copy [N, C, H, W] would not fit in the memory left."""
@@ -143,28 +145,23 @@ def _load_npz(path):
     with open(path, 'rb') as f:                             # numpy would talk of pickles instead
         if f.read(4) != b'PK\x03\x04':
             _fail(path, 'not a valid .npz file (an .npz is a zip of .npy arrays)')
-    try:
-        with zipfile.ZipFile(path) as z:
-            members = {i.filename[:-4]: i for i in z.infolist() if i.filename.endswith('.npy')}
-            if 'images' not in members:
-                _fail(path, f"no 'images' array in the npz (found: {', '.join(members) or 'nothing'})")
-            for name in {'images', 'labels'} & set(members):  # headers first: shapes cost nothing
-                with z.open(members[name]) as f:
-                    version = np.lib.format.read_magic(f)
-                    shape, _, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                                       else np.lib.format.read_array_header_2_0)(f)
-                if dtype.hasobject or math.prod(shape) * dtype.itemsize > members[name].file_size:
-                    _fail(path, f'{name}.npy declares {shape} of {dtype}, which its '
-                          f'{members[name].file_size} bytes do not hold as numbers')
-                if name == 'images':
-                    _check_fits(path, shape)
-            with np.load(path, allow_pickle=False) as arrays:
-                images = arrays['images']
-                labels = arrays['labels'] if 'labels' in members else None
-    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as e:
-        if str(e).startswith(str(path)):
-            raise
-        _fail(path, f'not a valid .npz file ({e})')
+    with _reading(path, 'a valid .npz file'), zipfile.ZipFile(path) as z:
+        members = {i.filename[:-4]: i for i in z.infolist() if i.filename.endswith('.npy')}
+        if 'images' not in members:
+            _fail(path, f"no 'images' array in the npz (found: {', '.join(members) or 'nothing'})")
+        for name in {'images', 'labels'} & set(members):    # headers first: shapes cost nothing
+            with z.open(members[name]) as f:
+                version = np.lib.format.read_magic(f)
+                shape, _, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)(f)
+            if dtype.hasobject or math.prod(shape) * dtype.itemsize > members[name].file_size:
+                _fail(path, f'{name}.npy declares {shape} of {dtype}, which its '
+                      f'{members[name].file_size} bytes do not hold as numbers')
+            if name == 'images':
+                _check_fits(path, shape)
+        with np.load(path, allow_pickle=False) as arrays:
+            images = arrays['images']
+            labels = arrays['labels'] if 'labels' in members else None
     images = _check_images(images, path)
     return images, _check_labels(labels, len(images), path)
 
@@ -183,51 +180,42 @@ def _load_cifar10(path):
     """CIFAR-10 python version (tar.gz or extracted folder): the five training batches, in order."""
     names = [f'data_batch_{i}' for i in range(1, 6)]
     folder = path / 'cifar-10-batches-py' if (path / 'cifar-10-batches-py').is_dir() else path
-    try:
-        with contextlib.ExitStack() as stack:
-            if path.is_dir():
-                files = [stack.enter_context(open(folder / name, 'rb')) for name in names]
-            else:
-                tar = stack.enter_context(tarfile.open(path, 'r:gz'))
-                files = [tar.extractfile(f'cifar-10-batches-py/{name}') for name in names]
-            batches = [_ArrayUnpickler(f, encoding='latin1').load() for f in files]
+    with _reading(path, 'a CIFAR-10 python archive'), contextlib.ExitStack() as stack:
+        if path.is_dir():
+            files = [stack.enter_context(open(folder / name, 'rb')) for name in names]
+        else:
+            tar = stack.enter_context(tarfile.open(path, 'r:gz'))
+            files = [tar.extractfile(f'cifar-10-batches-py/{name}') for name in names]
+        batches = [_ArrayUnpickler(f, encoding='latin1').load() for f in files]
         images = np.concatenate([np.asarray(b['data'], np.uint8).reshape(-1, 3, 32, 32)
                                  for b in batches])
         labels = np.concatenate([np.asarray(b['labels']) for b in batches])
-    except (OSError, KeyError, TypeError, ValueError, tarfile.TarError, pickle.UnpicklingError,
-            EOFError) as e:
-        _fail(path, f'not a CIFAR-10 python archive ({type(e).__name__}: {e})')
     return _check_images(images, path), _check_labels(labels, len(images), path)
 
 def _load_png_zip(path):
     """EDM-style zip of PNGs with optional dataset.json {"labels": [[name, label], ...]}, the images
     in sorted name order as EDM's ImageFolderDataset reads them."""
-    try:
-        with zipfile.ZipFile(path) as z, warnings.catch_warnings():
-            warnings.simplefilter('ignore', PIL.Image.DecompressionBombWarning)  # refused below
-            names = sorted(n for n in z.namelist() if n.lower().endswith('.png'))
-            if not names:
-                _fail(path, 'the zip holds no PNG images')
-            shapes = {}
-            for name in names:                              # headers only: Pillow decodes lazily
-                with z.open(name) as f, PIL.Image.open(f) as im:
-                    shapes[name] = (len(im.getbands()), im.height, im.width)
-                if im.width * im.height > MAX_PIXELS or shapes[name] != shapes[names[0]]:
-                    _fail(path, f'{name} is {im.width} x {im.height} x {len(im.getbands())}, '
-                          f'{names[0]} {" x ".join(map(str, shapes[names[0]][::-1]))}: images '
-                          f'must share one size of at most {MAX_PIXELS:,} pixels')
-            _check_fits(path, (len(names),) + shapes[names[0]])
-            images = []
-            for name in names:
-                with z.open(name) as f, PIL.Image.open(f) as im:
-                    images.append(np.array(im))
-            meta = json.loads(z.read('dataset.json')) if 'dataset.json' in z.namelist() else {}
-            table = dict(meta['labels']) if (meta or {}).get('labels') is not None else None
-    except (OSError, zipfile.BadZipFile, json.JSONDecodeError, TypeError, ValueError,
-            AttributeError, PIL.Image.DecompressionBombError) as e:
-        if str(e).startswith(str(path)):
-            raise
-        _fail(path, f'not a readable zip of PNGs ({type(e).__name__}: {e})')
+    with _reading(path, 'a readable zip of PNGs'), zipfile.ZipFile(path) as z, \
+            warnings.catch_warnings():
+        warnings.simplefilter('ignore', PIL.Image.DecompressionBombWarning)  # refused below
+        names = sorted(n for n in z.namelist() if n.lower().endswith('.png'))
+        if not names:
+            _fail(path, 'the zip holds no PNG images')
+        shapes = {}
+        for name in names:                                  # headers only: Pillow decodes lazily
+            with z.open(name) as f, PIL.Image.open(f) as im:
+                shapes[name] = (len(im.getbands()), im.height, im.width)
+            if im.width * im.height > MAX_PIXELS or shapes[name] != shapes[names[0]]:
+                _fail(path, f'{name} is {im.width} x {im.height} x {len(im.getbands())}, '
+                      f'{names[0]} {" x ".join(map(str, shapes[names[0]][::-1]))}: images '
+                      f'must share one size of at most {MAX_PIXELS:,} pixels')
+        _check_fits(path, (len(names),) + shapes[names[0]])
+        images = []
+        for name in names:
+            with z.open(name) as f, PIL.Image.open(f) as im:
+                images.append(np.array(im))
+        meta = json.loads(z.read('dataset.json')) if 'dataset.json' in z.namelist() else {}
+        table = dict(meta['labels']) if (meta or {}).get('labels') is not None else None
     if table is not None and set(names) - set(table):
         _fail(path, 'dataset.json has no label for some images')
     labels = None if table is None else [table[n] for n in names]
@@ -300,10 +288,10 @@ def _class_shares(labels, n):
     return classes.tolist(), [k] * (len(classes) - 1) + [n - k * (len(classes) - 1)]
 
 def balanced_subset(labels, n):
-    """Indices [n] of the study's training set of size n, class-sorted: for each class c = 0..C-1 the
-    first k = n // C images of c in file order, the last class taking n - k (C - 1) (dataset_size.py,
-    dataset_diversity.py); the first n images when labels is an int N (unlabelled). No seed. The
-    sets are nested when the last class's share does not shrink: always when C divides the smaller."""
+    """Indices [n] of the study's set of size n (labels [N], or N unlabelled: the first n), class-sorted."""
+    # dataset_size.py, dataset_diversity.py: for each class c = 0..C-1 the first k = n // C images
+    # of c in file order, the last class taking n - k (C - 1); no seed. The sets are nested when
+    # the last class's share does not shrink: always when C divides the smaller.
     N = labels if isinstance(labels, int) else len(labels)
     if not 1 <= n <= N:
         raise ValueError(f'subset size {n} must lie in 1..{N} (the data set size)')
@@ -744,14 +732,12 @@ def edm_sampler(denoise, latents, class_labels=None, num_steps=18, sigma_min=0.0
     return x_next.to(latents.dtype)
 
 #----------------------------------------------------------------------------
-# 6. Closed-form denoisers of a finite training set {y_i}, with the calling convention of Precond, so
-# each drops into edm_sampler. The optimum [1, eq. 4] minimises the denoising objective over all
-# functions, D*(x; sigma) = sum_i softmax_i(-||x - y_i||^2 / 2 sigma^2) y_i: it can only reproduce
-# training images. The Gaussian denoiser [5, 6] minimises it over affine functions: the posterior
-# mean of a Gaussian with the set's mean and covariance. A trained network that memorizes follows
-# D*; one that generalizes follows D_G. Class-conditional forms use the images of the sample's class
-# only; a sample whose class has no image (random labels can leave classes empty) gets the
-# unconditional form, and measure() counts such samples.
+# 6. Closed-form denoisers of a training set {y_i}, called as Precond is, so each drops into
+# edm_sampler. The optimum D*(x; sigma) = sum_i softmax_i(-||x - y_i||^2 / 2 sigma^2) y_i [1, eq. 4]
+# minimises the denoising objective over all functions and can only reproduce training images; the
+# Gaussian denoiser [5, 6] minimises it over affine functions. A network that memorizes follows D*,
+# one that generalizes D_G. Conditional forms use the sample's class only; a class with no image
+# (random labels can leave one empty) gets the unconditional form.
 
 def _class_index(class_labels, labels, B):
     """Class of each sample [B] (-1 where no training image has it); None when unconditional."""
@@ -843,11 +829,10 @@ class GaussianDenoiser:
 
 #----------------------------------------------------------------------------
 # 7. Memorization metric [1, sec. 3]: a sample x is memorized when ||x - NN_1|| < 1/3 ||x - NN_2||,
-# NN_1 and NN_2 its nearest and second-nearest training images (L2 over pixels). The memorization
-# ratio is the fraction of samples memorized; its uncertainty is the Wilson score interval [4].
-# Duplicates: a copy of an image that appears twice in the training set has d1 = d2, so the study's
-# mem_ratio.py does not count it. memdiff counts it: a duplicated image is one training image, and
-# the reference set is deduplicated first. score() reports the study's rule beside it.
+# NN_1 and NN_2 its nearest and second-nearest training images (L2 over pixels); the ratio is the
+# fraction memorized, with a Wilson interval [4]. A copy of an image stored twice has d1 = d2, so
+# the study's mem_ratio.py does not count it; memdiff deduplicates the reference set first, and
+# score() reports the study's rule beside it.
 
 def nearest_neighbors(samples, reference, k=2, chunk=4096):
     """k nearest references of each sample -> (L2 distances [B, k] ascending, indices [B, k])."""
