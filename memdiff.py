@@ -896,12 +896,11 @@ def wilson_interval(k, n, z=1.96):
 #----------------------------------------------------------------------------
 # 8. Training: the loop of EDM's training_loop.py as the study ran it [1, sec. 4; 2, App. F]:
 # Adam (or SGD), a linear learning-rate ramp-up, an EMA of the weights, snapshots of the EMA network.
-# Durations scale with |D| as in the study, so they are given in epochs (passes over |D|) or, for
-# fixed-budget experiments, in optimizer steps. Under torchrun the global batch is split across
-# the ranks and DDP averages the gradients: the same batch and learning rate as one process.
+# Durations are in epochs (passes over |D|: they scale with |D| as in the study) or in optimizer
+# steps. Under torchrun the ranks split the global batch and DDP averages their gradients.
 
-# The study's reference sizes: its EMA modes are written for CIFAR-10's 50,000 images and its batch
-# of 512, and 500k images is its EMA half-life after ramp-up (0.5 Mimg).
+# The study's EMA modes are written for CIFAR-10's 50,000 images, its batch of 512 and its EMA
+# half-life of 500k images (0.5 Mimg) after ramp-up.
 REF_IMAGES, REF_BATCH, REF_HALFLIFE = 50_000, 512, 500_000
 
 @dataclass
@@ -934,14 +933,13 @@ class TrainConfig:
     def snapshot_steps(self, n):
         """Steps (ascending, the last one final) at which the EMA network is evaluated."""
         total = self.total_steps(n)
+        S = min(self.snapshots, total)
         if self.snapshot_images:
-            # EDM's ticks: tick 0 ends after the first step, every later one once 50k more images
-            # are seen; the study snapshots every 50 ticks (2.5M images) and at the end, and never
-            # scores tick 0's snapshot.
+            # EDM's ticks: tick 0 ends after the first step, each later one after 50k more images;
+            # the study snapshots every 50 ticks (2.5M images) and at the end, never at tick 0.
             tick = min(REF_IMAGES, self.snapshot_images)
             every = max(1, round(self.snapshot_images / tick)) * math.ceil(tick / self.batch)
             return sorted(set(range(1 + every, total, every)) | {total})
-        S = min(self.snapshots, total)
         if self.snapshot_spacing == 'log':
             # Onsets of memorization span decades of steps: geometric spacing from 1% of the budget
             # (or step 1) to its end; rounding can merge early steps, so there may be fewer than S.
@@ -957,13 +955,12 @@ class TrainConfig:
         return 1000 * int(epochs * n / 1000) if self.whole_kimg else epochs * n
 
     def lr_at(self, nimg, n):
-        """Learning rate of the step taken after nimg images: lr min(nimg / ramp-up, 1) [2, App. F]."""
+        """Learning rate of the step after nimg images: lr min(nimg / ramp-up, 1) [2, App. F]."""
         ramp = self._images(self.lr_rampup, n)
         return self.lr * min(nimg / ramp, 1) if ramp > 0 else self.lr  # no ramp-up: lr from step 1
 
     def ema_beta_at(self, nimg, n):
-        """EMA decay beta after the step taken at nimg images (ema = beta ema + (1 - beta) net), as
-        the study's training/training_loop.py computes it in each ema_mode."""
+        """EMA decay beta after the step at nimg images, as the study's training_loop.py sets it."""
         h = self._images(self.ema_halflife, n)              # half-life in images
         if self.ema_rampup:
             h = min(h, nimg * self.ema_rampup)
@@ -995,9 +992,8 @@ def data_order(n, seed):
     return torch.from_numpy(np.random.RandomState(seed).permutation(n))
 
 def train(precond, images, labels=None, cfg=TrainConfig(), seed=0, resume=None, progress=None):
-    """Train precond on images [n,C,H,W] (class indices [n]); yield (step, EMA copy, state) at each
-    snapshot. state() is everything `resume` needs to continue exactly from that step: call it
-    before the next iteration (under torchrun on every rank; it gathers their random streams)."""
+    """Train precond on images [n,C,H,W] (classes [n]) -> yields (step, EMA copy, state) per snapshot;
+    state() is what `resume` needs to go on exactly: call it at once, under torchrun on every rank."""
     rank, world = dist_info()
     if cfg.batch % world:
         raise ValueError(f'batch {cfg.batch} is not divisible by the {world} processes')
@@ -1016,31 +1012,25 @@ def train(precond, images, labels=None, cfg=TrainConfig(), seed=0, resume=None, 
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {cfg.optimizer!r}")
     order = data_order(n, seed).to(device)
     g_noise = torch.Generator(device=device).manual_seed(seed * 1000 + 1 + rank)
-    step = 0
+    step = 0 if resume is None else resume['step']
     if resume is not None:
-        precond.load_state_dict(resume['net'])
-        ema.load_state_dict(resume['ema'])
-        opt.load_state_dict(resume['opt'])
+        for module, key in ((precond, 'net'), (ema, 'ema'), (opt, 'opt')):
+            module.load_state_dict(resume[key])
         rng = resume['rng'][rank] if rank < len(resume['rng']) else resume['rng'][0]
         g_noise.set_state(rng['noise'])
         torch.set_rng_state(rng['torch'])                   # dropout draws from the global stream
         if rng['cuda'] is not None and device.type == 'cuda':
             torch.cuda.set_rng_state(rng['cuda'], device)
-        step = resume['step']
-    model = precond
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            precond, device_ids=[device.index] if device.type == 'cuda' else None)
-    loss_fn = LOSSES[precond.kind]
+    model = precond if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        precond, device_ids=[device.index] if device.type == 'cuda' else None)
     ema_params, net_params = list(ema.parameters()), list(precond.parameters())
     bad = torch.full((), -1, device=device)             # first step with a non-finite loss
 
-    def state(step):
-        rng = _gather_states(dict(noise=g_noise.get_state(), torch=torch.get_rng_state(),
-                                  cuda=torch.cuda.get_rng_state(device)
-                                  if device.type == 'cuda' else None))
-        return dict(net=precond.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), rng=rng,
-                    step=step)
+    def state():                                            # at the step just taken
+        rng = dict(noise=g_noise.get_state(), torch=torch.get_rng_state(),
+                   cuda=torch.cuda.get_rng_state(device) if device.type == 'cuda' else None)
+        return dict(net=precond.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                    rng=_gather_states(rng), step=step)
 
     precond.train()
     while step < total:
@@ -1053,7 +1043,8 @@ def train(precond, images, labels=None, cfg=TrainConfig(), seed=0, resume=None, 
         idx = order[(nimg + torch.arange(rank, cfg.batch, world, device=device)) % n]
         y, c = images[idx], None if labels is None else labels[idx]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == 'bf16'):
-            loss = loss_fn(model, y, c, generator=g_noise, **precond.loss_constants()).mean()
+            loss = LOSSES[precond.kind](model, y, c, generator=g_noise,
+                                        **precond.loss_constants()).mean()
         # Checked at the snapshots only: reading it every step would stall a GPU's queue.
         bad = torch.where((bad < 0) & ~loss.detach().isfinite(), step + 1, bad)
         opt.zero_grad(set_to_none=True)
@@ -1073,25 +1064,21 @@ def train(precond, images, labels=None, cfg=TrainConfig(), seed=0, resume=None, 
             if bad >= 0:
                 raise ValueError(f'training diverged: the loss is NaN or infinite at step '
                                  f'{int(bad)} of {total} (|D| = {n}); lower the learning rate')
-            yield step, ema, lambda step=step: state(step)
+            yield step, ema, state
     precond.eval()
 
 def _gather_states(state):
     """The RNG states of all ranks (a list), so a resumed DDP run continues every rank's stream."""
-    rank, world = dist_info()
-    state = {k: None if v is None else v.cpu() for k, v in state.items()}
-    if world == 1:
-        return [state]
-    out = [None] * world
-    torch.distributed.all_gather_object(out, state)
-    return out
+    states = [state] * dist_info()[1]                       # get_state() tensors are on the CPU
+    if len(states) > 1:
+        torch.distributed.all_gather_object(states, state)
+    return states
 
 #----------------------------------------------------------------------------
-# 9. Measurement and EMM search [1, sec. 3, eq. 5]. The memorization ratio of one training-set size:
-# train, and at each snapshot sample with the EMA network from the study's seeds, round to the 8-bit
-# grid as the study wrote its samples, and score them against the training set; the size's ratio is
-# the highest over its snapshots. EMM_eps = max{ |D| : E[R] >= 1 - eps }, searched by doubling and
-# bisection.
+# 9. Measurement and EMM search [1, sec. 3, eq. 5]. A size's memorization ratio: at each snapshot,
+# sample the EMA network from the study's seeds, round to the 8-bit grid as the study saved its
+# samples, score them against the training set, and keep the highest over the snapshots.
+# EMM_eps = max{ |D| : E[R] >= 1 - eps }, searched by doubling and bisection.
 
 @dataclass
 class EMMConfig:
@@ -1109,7 +1096,7 @@ class EMMConfig:
     embedding: str = None           # 'positional' | 'fourier'; None: the arch's own
     dropout: float = 0.0
     train: TrainConfig = field(default_factory=TrainConfig)
-    samples: int = 1000             # generated samples per snapshot, seeds 0..samples-1 (the study: 10k)
+    samples: int = 1000             # samples per snapshot, seeds 0..samples-1 (the study: 10k)
     num_steps: int = 18             # Heun steps: 35 network evaluations
     threshold: float = 0.9          # 1 - eps, eps = 0.1: the EMM's memorization ratio
     mem_threshold: float = 1 / 3    # d1/d2 below this: a sample is memorized
@@ -1142,14 +1129,14 @@ def study_latents(seeds, shape, label_dim, device):
     """Latents [B, C, H, W] and class indices [B] (or None) of the study's sample seeds."""
     # As the study's generator: one generator per seed, on the sampling device, draws the latent
     # and then, for a conditional network, the class. The same seeds give the same samples.
-    z, c = [], []
-    for s in seeds:
+    z = torch.empty(len(seeds), *shape, device=device)
+    c = torch.empty(len(seeds), dtype=torch.long, device=device)
+    for k, s in enumerate(seeds):
         g = torch.Generator(device).manual_seed(int(s) % (1 << 32))
-        z.append(torch.randn(shape, generator=g, device=device))
+        z[k] = torch.randn(shape, generator=g, device=device)
         if label_dim:
-            c.append(torch.randint(label_dim, size=[], generator=g, device=device))
-    z = torch.stack(z) if z else torch.zeros(0, *shape, device=device)
-    return z, (torch.stack(c) if c else z.new_zeros(0, dtype=torch.long)) if label_dim else None
+            c[k] = torch.randint(label_dim, size=[], generator=g, device=device)
+    return z, c if label_dim else None
 
 @torch.no_grad()
 def generate(denoise, num, shape, label_dim, device, num_steps=18, batch=1000, progress=None):
@@ -1165,11 +1152,11 @@ def generate(denoise, num, shape, label_dim, device, num_steps=18, batch=1000, p
             return inner(x, sigma, labels)
     xs, cs = [], []
     for start in range(0, num, batch):
-        seeds = list(range(start, min(start + batch, num)))
+        seeds = range(start, min(start + batch, num))
         z, c = study_latents(seeds[rank::world], shape, label_dim, device)
         x = edm_sampler(denoise, z, c, num_steps, sigma_min, sigma_max) if len(z) else z
         xs.append(_gather_rows(x.to(torch.float32), len(seeds)))
-        cs += [] if c is None else [_gather_rows(c, len(seeds))]
+        cs.append(c if c is None else _gather_rows(c, len(seeds)))
     return torch.cat(xs), (torch.cat(cs) if label_dim else None)
 
 def _gather_rows(x, total):
@@ -1197,25 +1184,22 @@ def score(samples, y, mem_threshold=1/3):
     d, index = (_gather_rows(t, B) for t in nearest_distinct(x, y))
     k = int((d[:, 0] / d[:, 1] < mem_threshold).sum())
     out = dict(ratio=k / B, ci=list(wilson_interval(k, B)))
-    if duplicates(y):                                       # the study's rule, without deduplication
+    if duplicates(y):                                       # the study's rule: no deduplication
         d_study = _gather_rows(nearest_neighbors(x, y, k=2)[0], B)
         out.update(ratio_study=int((d_study[:, 0] / d_study[:, 1] < mem_threshold).sum()) / B,
                    duplicates=duplicates(y))
     return out, dict(d1=d[:, 0], d2=d[:, 1], index=index)
 
 # Probes: which closed form does the network follow [5, 6]? At every snapshot the EMA network, D*
-# and D_G denoise the same fixed inputs: noisy training images and held-out images (the last of each
-# class, which the first-k rule leaves out), at PROBE_SIGMAS levels log-spaced over the sampler's
-# range, with noise drawn once from PROBE_SEED, the same for every snapshot and size. Per level:
-#   the loss lambda(sigma) ||D(y + sigma n) - y||^2 on training and on held-out images;
-#   the network's RMS distance per pixel to D* and to D_G, on each side.
-# Each is averaged over the levels with the density p(sigma) with which the loss draws them, and
-# the optimum share is s = d(net, D_G) / (d(net, D*) + d(net, D_G)) of those averages on the
-# training side: 1 when the network denoises its training images as D* does (back to the image),
-# 0 when as D_G does. On held-out images a network with c_out ~ sigma stays near its input at small
-# sigma whatever it learned, while D* jumps to the nearest training image: that side measures the
-# data more than the network, and is recorded beside the share, not in it. The distances compare
-# clean-image estimates, in pixel units at every level, so lambda does not enter them.
+# and D_G denoise the same noisy training and held-out images (the last of each class, which the
+# first-k rule leaves out) at PROBE_SIGMAS levels log-spaced over the sampler's range. Per level and
+# side: the loss lambda(sigma) ||D(y + sigma n) - y||^2 and the RMS distance per pixel to D* and to
+# D_G (clean-image estimates, so no lambda), then their means under the loss's density p(sigma).
+# The optimum share s = d(net, D_G) / (d(net, D*) + d(net, D_G)) of the training side is 1 when the
+# network denoises its training images as D* does (back to the image), 0 as D_G does. On held-out
+# images a network with c_out ~ sigma stays near its input at small sigma whatever it learned, while
+# D* jumps to the nearest training image: that side measures the data more than the network, so it
+# is recorded beside the share, not in it.
 PROBE_IMAGES, PROBE_SIGMAS, PROBE_SEED = 64, 16, 0  # images a side (about), noise levels, seed
 
 def probe_set(images, labels, n, cfg):
@@ -1238,24 +1222,24 @@ def probe_set(images, labels, n, cfg):
 @torch.no_grad()
 def probe(precond, probes, optimum, gaussian, sigma_min=0.002, sigma_max=80):
     """precond against D* and D_G on the probe inputs -> dict(share, loss_train, loss_held, gap,
-    dist_opt, dist_gauss (training side), probe=dict of the same per level, and the held-out side's)."""
+    dist_opt, dist_gauss (training side), probe=dict of those per level and the held-out side's)."""
     lo, hi = sigma_range(precond, sigma_min, sigma_max)
     sigma = torch.logspace(math.log10(lo), math.log10(hi), PROBE_SIGMAS, dtype=torch.float64)
     y, held, c = probes['y'], probes['held'], probes['labels']
-    rows = collections.defaultdict(list)
+    rows = collections.defaultdict(list)                    # per level; NaN: an empty side
     for k, s in enumerate(sigma.tolist()):
         x = y + s * probes['noise'][:, k]                   # [P, C, H, W]
         D = precond(x, s, c).double()
         lam = (s ** 2 + precond.sigma_data ** 2) / (s * precond.sigma_data) ** 2 \
             if precond.kind == 'edm' else 1 / s ** 2        # lambda(sigma) [2, Table 1]
-        errors = dict(loss=lam * (D - y.double()).flatten(1).square().sum(1),  # [P] each
-                      dist_opt=(D - optimum(x.double(), s, c)).flatten(1).square().mean(1),
-                      dist_gauss=(D - gaussian(x.double(), s, c)).flatten(1).square().mean(1))
-        for side, rows_of in (('_train', ~held), ('_held', held)):
-            for name, e in errors.items():
-                v = e[rows_of].mean().item() if rows_of.any() else math.nan
-                rows[name + side if name == 'loss' or side == '_held' else name].append(
-                    v if name == 'loss' else math.sqrt(v))  # distances: RMS per pixel
+        loss = lam * (D - y.double()).flatten(1).square().sum(1)               # [P]
+        d_opt = (D - optimum(x.double(), s, c)).flatten(1).square().mean(1)    # [P]
+        d_gauss = (D - gaussian(x.double(), s, c)).flatten(1).square().mean(1)  # [P]
+        for names, mask in ((('loss_train', 'dist_opt', 'dist_gauss'), ~held),
+                            (('loss_held', 'dist_opt_held', 'dist_gauss_held'), held)):
+            for name, e in zip(names, (loss, d_opt, d_gauss)):
+                v = e[mask].mean().item() if mask.any() else math.nan
+                rows[name].append(v if name.startswith('loss') else math.sqrt(v))  # RMS per pixel
     p = sigma_density(precond, sigma).tolist()
 
     def mean(values):                                       # weighted by p over finite values
@@ -1276,7 +1260,8 @@ def measure(images, labels, n, cfg, device=torch.device('cpu'), resume=None, pro
     y, c, label_dim = training_set(images, labels, n, cfg)
     y, c = y.to(device), None if c is None else c.to(device)
     optimum, gaussian = OptimalDenoiser(y.double(), c), GaussianDenoiser(y, c)
-    probes = {k: v if v is None else v.to(device) for k, v in probe_set(images, labels, n, cfg).items()}
+    probes = {k: v if v is None else v.to(device)
+              for k, v in probe_set(images, labels, n, cfg).items()}
 
     def evaluate(denoise, step):
         x, cx = generate(denoise, cfg.samples, tuple(y.shape[1:]), label_dim, device, cfg.num_steps,
@@ -1286,10 +1271,10 @@ def measure(images, labels, n, cfg, device=torch.device('cpu'), resume=None, pro
         except ValueError as e:
             raise ValueError(f'sampling diverged at step {step} (|D| = {n}): {e}') from None
         snapshot = dict(step=step, **summary)
-        if cfg.optimum and c is not None:                   # samples of a class with no image
-            snapshot['unconditional'] = int(optimum.unseen(cx).sum())
         if not cfg.optimum:
             snapshot.update(probe(denoise, probes, optimum, gaussian))
+        elif c is not None:                                 # samples of a class with no image
+            snapshot['unconditional'] = int(optimum.unseen(cx).sum())
         return snapshot, dict(samples=x, classes=cx, **scores)
 
     if cfg.optimum:
@@ -1304,25 +1289,19 @@ def measure(images, labels, n, cfg, device=torch.device('cpu'), resume=None, pro
             yield *evaluate(ema, step), state
 
 def best_point(n, snapshots, threshold=0.9):
-    """A size's point: its best snapshot's ratio (the study keeps the highest), share and gap, and
-    the onset of memorization tau_mem with its bracket (tau_mem below)."""
+    """A size's point: its best snapshot's ratio, ci, share and gap (the study keeps the highest),
+    and the onset of memorization tau_mem with its bracket."""
     best = max(snapshots, key=lambda s: s['ratio'])
     tau, bracket = tau_mem(snapshots, threshold)
     return dict(size=n, ratio=best['ratio'], ci=best['ci'], best_step=best['step'], tau_mem=tau,
                 tau_bracket=bracket, snapshots=snapshots,
                 **{k: best[k] for k in ('ratio_study', 'duplicates', 'share', 'gap') if k in best})
 
-def crossing(passing, failing, threshold=0.9):
-    """The size where the ratio crosses threshold, linear between passing and failing (size, ratio)."""
-    (n0, r0), (n1, r1) = passing, failing
-    return n0 + (r0 - threshold) / (r0 - r1) * (n1 - n0)
-
 def find_emm(ratio_at, lo, hi, threshold=0.9, step=1, tolerance=0.0, known=None):
-    """EMM_eps = max{N : E[R] >= 1 - eps} [1, eq. 5], threshold = 1 - eps: the largest size in
-    [lo, hi] (multiples of step) with ratio_at(n) >= threshold, by doubling from lo, then bisection
-    until the bracket is one step wide or narrower than tolerance * its lower end. ratio_at is called
-    at most once per size (never for sizes in `known`, a dict {n: ratio}).
-    Returns dict(emm, crossing, status, evaluated [(n, ratio), ...] in the order of the search)."""
+    """EMM_eps = max{N : E[R] >= 1 - eps} [1, eq. 5], threshold = 1 - eps, over the multiples of step
+    in [lo, hi] -> dict(emm, crossing, status, evaluated [(n, ratio)] in search order): doubling from
+    lo, then bisection to a bracket one step wide or under tolerance * its lower end; ratio_at is
+    called once per size at most, never for sizes in `known` ({n: ratio})."""
     if not (step >= 1 and lo >= step and hi >= lo):
         raise ValueError(f'need 1 <= step <= lo <= hi, got step={step}, lo={lo}, hi={hi}')
     lo, hi = math.ceil(lo / step) * step, hi // step * step
@@ -1347,39 +1326,41 @@ def find_emm(ratio_at, lo, hi, threshold=0.9, step=1, tolerance=0.0, known=None)
             break
         passing, failing = (mid, failing) if passes(mid) else (passing, mid)
     if passing is None:
-        status, cross = f'below range: the ratio at the smallest size {lo} is under {threshold}', None
+        status = f'below range: the ratio at the smallest size {lo} is under {threshold}'
     elif failing is None:
-        status, cross = f'above range: every size up to {hi} memorizes (EMM >= {hi})', None
+        status = f'above range: every size up to {hi} memorizes (EMM >= {hi})'
     else:
         status = 'bracketed'
-        cross = crossing((passing, known[passing]), (failing, known[failing]), threshold)
-    return dict(emm=passing, crossing=cross, status=status, evaluated=evaluated)
+    # Every size evaluated above the last pass failed: the bracket is summarize's pair of sizes.
+    points = [dict(size=n, ratio=r) for n, r in evaluated]
+    return dict(summarize(points, threshold), status=status, evaluated=evaluated)
 
 def summarize(points, threshold=0.9):
-    """EMM (largest passing size measured) and the crossing to the next size measured, of point dicts."""
+    """EMM (largest passing size) of points [{size, ratio}], and its crossing: the size where the
+    ratio reaches threshold, linear between the EMM and the next size measured."""
     pts = sorted((p['size'], p['ratio']) for p in points)
-    passing = [(n, r) for n, r in pts if r >= threshold]
-    above = [(n, r) for n, r in pts if passing and n > passing[-1][0]]
-    return dict(emm=passing[-1][0] if passing else None,
-                crossing=crossing(passing[-1], above[0], threshold) if above else None)
+    k = max((k for k, (_, r) in enumerate(pts) if r >= threshold), default=None)
+    if k is None or k + 1 == len(pts):
+        return dict(emm=None if k is None else pts[k][0], crossing=None)
+    (n0, r0), (n1, r1) = pts[k], pts[k + 1]
+    return dict(emm=n0, crossing=n0 + (r0 - threshold) / (r0 - r1) * (n1 - n0))
 
 # Memorization over training time. Bonnaire, Urfin, Biroli and Mezard [7] measure the same
-# d1/d2 < 1/3 memorization and find that its onset tau_mem grows linearly with |D| (tau_mem ~ |D| / W
+# d1/d2 < 1/3 memorization and find that its onset tau_mem grows linearly with |D| (tau_mem ~ |D|/W
 # across widths W): a budget below tau_mem(|D|) measures the budget, not the model. tau_mem is read
 # off the snapshots of one size, and the law tau_mem = a |D|^b is fitted across sizes.
 
 def tau_mem(snapshots, threshold=0.9):
-    """Onset of memorization of one size's snapshots [{step, ratio}] -> (tau, [step_below, step_above]):
-    the step at which the ratio first reaches threshold, linear in log(step) between the snapshots
-    that bracket it; the first snapshot's step (an upper bound, bracket [0, step]) when that one
-    passes already; (None, None) when none passes."""
+    """Onset of memorization of snapshots [{step, ratio}] -> (tau, [step_below, step_above]): the step
+    where the ratio first reaches threshold, linear in log(step) between the bracketing snapshots;
+    the first snapshot's step (an upper bound, bracket [0, step]) if it passes; (None, None): none."""
     pts = sorted((s['step'], s['ratio']) for s in snapshots)
     k = next((k for k, (_, ratio) in enumerate(pts) if ratio >= threshold), None)
     if k is None:
         return None, None
     step, ratio = pts[k]
     if k == 0 or pts[k - 1][0] <= 0:                        # no snapshot below it (or at step 0)
-        return float(step), [pts[k - 1][0] if k else 0, step]
+        return float(step), [0, step]
     s0, r0 = pts[k - 1]                                     # r0 < threshold <= ratio
     t = (threshold - r0) / (ratio - r0)
     tau = math.exp(math.log(s0) + t * (math.log(step) - math.log(s0)))
@@ -1396,31 +1377,29 @@ def _onset(snapshots, threshold):
     return tau if tau is not None and bracket[0] > 0 else None
 
 def tau_law(points, samples, threshold=0.9, replicates=1000, generator=None):
-    """tau_mem = a |D|^b over the sizes with a bracketed tau_mem -> dict(exponent, ci, prefactor,
-    sizes, replicates), or None with fewer than two such sizes. b is fitted by least squares in
-    log-log; its 95% interval is the 2.5% and 97.5% quantiles of b refitted on replicates whose
-    snapshot ratios are redrawn as Binomial(samples, ratio) / samples (those that keep two sizes)."""
-    kept = [(p, tau) for p in points if (tau := _onset(p['snapshots'], threshold))]
-    sizes = [p['size'] for p, _ in kept]
-    if len(set(sizes)) < 2:
+    """tau_mem = a |D|^b by least squares in log-log over the sizes with a bracketed tau_mem ->
+    dict(exponent, ci, prefactor, sizes, replicates), or None under two sizes; ci: b's 2.5% and 97.5%
+    quantiles over the replicates (those keeping two sizes) that redraw each snapshot's ratio as
+    Binomial(samples, ratio) / samples."""
+    def law(points):                                        # (a, b), or None under two sizes
+        onsets = [(p['size'], tau) for p in points if (tau := _onset(p['snapshots'], threshold))]
+        return fit_power_law(*zip(*onsets)) if len({n for n, _ in onsets}) >= 2 else None
+    kept = [p for p in points if _onset(p['snapshots'], threshold)]
+    if law(kept) is None:
         return None
-    a, b = fit_power_law(sizes, [tau for _, tau in kept])
-    redrawn = []                                            # every snapshot of every size at once
-    for p, _ in kept:
-        steps = [s['step'] for s in p['snapshots']]
-        prob = torch.tensor([s['ratio'] for s in p['snapshots']], dtype=torch.float64)
-        k = torch.binomial(torch.full((replicates, len(steps)), float(samples), dtype=torch.float64),
-                           prob.expand(replicates, -1), generator=generator)  # [R, S]
-        redrawn.append((steps, (k / samples).tolist()))
-    bs = []
-    for r in range(replicates):
-        fit = [(n, _onset([dict(step=s, ratio=q) for s, q in zip(steps, ratios[r])], threshold))
-               for n, (steps, ratios) in zip(sizes, redrawn)]
-        fit = [(n, t) for n, t in fit if t]
-        if len({n for n, _ in fit}) >= 2:
-            bs.append(fit_power_law(*zip(*fit))[1])
+    a, b = law(kept)
+    replicas = [[] for _ in range(replicates)]              # the points of each replicate
+    for p in kept:
+        ratio = torch.tensor([s['ratio'] for s in p['snapshots']], dtype=torch.float64)
+        count = torch.full((replicates, len(ratio)), float(samples), dtype=torch.float64)
+        k = torch.binomial(count, ratio.expand(replicates, -1), generator=generator)  # [R, S]
+        for replica, redrawn in zip(replicas, (k / samples).tolist()):
+            replica.append(dict(size=p['size'], snapshots=[
+                dict(step=s['step'], ratio=q) for s, q in zip(p['snapshots'], redrawn)]))
+    bs = [fit[1] for fit in map(law, replicas) if fit is not None]
     ci = [float(np.quantile(bs, 0.025)), float(np.quantile(bs, 0.975))] if bs else None
-    return dict(exponent=b, ci=ci, prefactor=a, sizes=sizes, replicates=len(bs))
+    return dict(exponent=b, ci=ci, prefactor=a, sizes=[p['size'] for p in kept],
+                replicates=len(bs))
 
 #----------------------------------------------------------------------------
 # Appendix: reading the study's snapshots. The study's training loop (EDM's) pickles
