@@ -1402,59 +1402,36 @@ def tau_law(points, samples, threshold=0.9, replicates=1000, generator=None):
                 replicates=len(bs))
 
 #----------------------------------------------------------------------------
-# Appendix: reading the study's snapshots. The study's training loop (EDM's) pickles
-# dict(ema=VPPrecond | VEPrecond | EDMPrecond holding a SongUNet as .model, loss_fn=..., augment_pipe=...,
-# dataset_kwargs=...) to network-snapshot-*.pkl. EDM's classes pickle the source code of their module
-# and unpickling them execs it (EDM's torch_utils/persistence.py). memdiff never runs code from a
-# file: a restricted unpickler turns each such object into a record of its class name, constructor
-# arguments and tensors, and memdiff rebuilds its own UNet and Precond from those.
+# Appendix: reading the study's snapshots. The study's training loop (EDM's) pickles dict(ema=
+# VPPrecond | VEPrecond | EDMPrecond holding a SongUNet as .model, ...) to network-snapshot-*.pkl;
+# EDM's classes pickle their module's source, which unpickling execs (torch_utils/persistence.py).
+# memdiff runs none of it: it reads each module as a record and rebuilds its own UNet and Precond.
 
 class _Record:
-    """A pickled module as data: class name, constructor arguments and state (tensors, children)."""
-    class_name, init_args, init_kwargs, state = '?', (), {}, {}
+    """A pickled module as data: its class name and state (__dict__: _parameters, _modules, ...)."""
+    class_name = 'torch container'                      # ModuleDict & co.: no __init__, then BUILD
 
-    def __setstate__(self, state):                      # torch containers (ModuleDict) get BUILD
-        if not isinstance(state, dict):
-            raise pickle.UnpicklingError(f'{self.class_name} state is a {type(state).__name__}')
+    def __init__(self, meta):                           # EDM's _reconstruct_persistent_obj(meta)
+        self.class_name, self.state = meta['class_name'], meta['state']  # module_src stays unread
+
+    def __setstate__(self, state):                      # pickle's BUILD
         self.state = state
 
-def _container_record(name):
-    """Stand-in class for a torch container module, unpickled as a _Record named `name`."""
-    return type(f'_{name}Record', (_Record,), dict(class_name=name))
-
-def _persistent_record(meta):
-    """Stand-in for EDM's persistence._reconstruct_persistent_obj(meta): a record, code never run."""
-    if not isinstance(meta, dict) or not isinstance(meta.get('class_name'), str) \
-            or not isinstance(meta.get('state'), dict):
-        raise pickle.UnpicklingError('a persistent object without class_name and state')
-    record = _Record()                                  # meta['module_src'] is dropped unread
-    record.class_name, record.state = meta['class_name'], dict(meta['state'])
-    record.init_args = tuple(record.state.get('_init_args') or ())
-    record.init_kwargs = dict(record.state.get('_init_kwargs') or {})
-    return record
-
-def _storage_from_bytes(data):
-    """Stand-in for torch.storage._load_from_bytes, which runs a full torch.load on nested bytes."""
-    if not isinstance(data, bytes):
-        raise pickle.UnpicklingError(f'storage bytes expected, got {type(data).__name__}')
-    return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
-
 def _numpy_scalar(dtype, data):
-    """numpy's scalar(dtype, bytes) for plain numbers only (EDM keeps skip_scale = np.sqrt(0.5))."""
-    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes):
-        raise pickle.UnpicklingError('only numeric numpy scalars can be read')
+    """numpy's scalar(dtype, bytes), e.g. EDM's skip_scale = np.sqrt(0.5); objects are refused."""
     return np.frombuffer(data, dtype, count=1)[0].item()
 
 # Everything a network-snapshot pickle may name, found by pickling EDM's and DiffMemorize's objects
 # (torch 2.x, numpy 1 and 2); each maps to a function that builds data, never to one that runs code.
 _SNAPSHOT_GLOBALS = {
-    ('torch_utils.persistence', '_reconstruct_persistent_obj'): _persistent_record,
-    ('torch.nn.modules.container', 'ModuleDict'): _container_record('ModuleDict'),
-    ('torch.nn.modules.container', 'ModuleList'): _container_record('ModuleList'),
-    ('torch.nn.modules.container', 'Sequential'): _container_record('Sequential'),
+    ('torch_utils.persistence', '_reconstruct_persistent_obj'): _Record,
+    ('torch.nn.modules.container', 'ModuleDict'): _Record,
+    ('torch.nn.modules.container', 'ModuleList'): _Record,
+    ('torch.nn.modules.container', 'Sequential'): _Record,
     ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
     ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
-    ('torch.storage', '_load_from_bytes'): _storage_from_bytes,
+    ('torch.storage', '_load_from_bytes'):              # torch's own runs a full torch.load
+        lambda data: torch.load(io.BytesIO(data), map_location='cpu', weights_only=True),
     ('collections', 'OrderedDict'): collections.OrderedDict,
     ('numpy', 'dtype'): np.dtype,
     ('numpy.core.multiarray', 'scalar'): _numpy_scalar,
@@ -1465,33 +1442,21 @@ _SNAPSHOT_GLOBALS = {
 }
 
 class _SnapshotUnpickler(pickle.Unpickler):
-    """Unpickles data only: names outside _SNAPSHOT_GLOBALS raise ValueError before anything runs."""
-    def __init__(self, file, path):
-        super().__init__(file)
-        self.path = path
-
+    """Unpickles data only: a name outside _SNAPSHOT_GLOBALS is refused before anything runs."""
     def find_class(self, module, name):
-        if (module, name) in _SNAPSHOT_GLOBALS:
-            return _SNAPSHOT_GLOBALS[module, name]
-        raise ValueError(f'{self.path}: refuses to load {module}.{name}: a network snapshot holds '
-                         'tensors and constructor arguments; memdiff runs no code from a file')
+        if (module, name) not in _SNAPSHOT_GLOBALS:
+            raise ValueError(f'refuses to load {module}.{name}: a network snapshot holds tensors '
+                             'and constructor arguments; memdiff runs no code from a file')
+        return _SNAPSHOT_GLOBALS[module, name]
 
 def _record_tensors(record, prefix=''):
     """name -> tensor of every parameter and buffer under a record, named as in state_dict()."""
-    out = {}
-    for group in ('_parameters', '_buffers'):
-        for name, value in (record.state.get(group) or {}).items():
-            if value is not None:
-                if not isinstance(value, torch.Tensor):
-                    raise pickle.UnpicklingError(f'{prefix}{name} is a {type(value).__name__}')
-                out[prefix + name] = value.detach()
-    for name, child in (record.state.get('_modules') or {}).items():
-        if child is not None:
-            if not isinstance(child, _Record):
-                raise pickle.UnpicklingError(f'{prefix}{name} is a {type(child).__name__}')
+    out = {prefix + name: t for group in ('_parameters', '_buffers')
+           for name, t in record.state.get(group, {}).items() if t is not None}
+    for name, child in record.state.get('_modules', {}).items():
+        if child is not None:                           # _unet_from_state checks what is found
             out.update(_record_tensors(child, f'{prefix}{name}.'))
     return out
-
 
 def _edm_names(state):
     """EDM SongUNet state_dict -> the same tensors under memdiff's UNet names (no copy)."""
@@ -1502,48 +1467,39 @@ def _edm_names(state):
             continue                                    # fixed by the taps / unused at sampling
         if parts[0] == 'map_noise':                     # FourierEmbedding's frequencies
             parts = parts[1:]
-        elif parts[0] in ('enc', 'dec'):
-            m = re.fullmatch(r'(\d+)x\1_(\w+)', parts[1])
-            if m is None:
-                raise ValueError(f'unexpected layer {name}')
-            res, layer = m.groups()
+        elif parts[0] in ('enc', 'dec') and (m := re.fullmatch(r'(\d+)x\1_(\w+)', parts[1])):
+            res, layer = m.groups()                     # other names stay, refused as unexpected
             head = {'aux_residual': ['aux', res], 'aux_norm': ['out_norm'],
                     'aux_conv': ['out_conv']}.get(layer, [parts[0], f'{res}_{layer}'])
             parts = head + parts[2:]
         out['.'.join(parts)] = t
     return out
 
-# What a network file may declare before anything is built: far above the study's networks.
-_UNET_BOUNDS = dict(img_resolution=4096, in_channels=64, out_channels=64, label_dim=10 ** 6,
-                    model_channels=4096, num_blocks=64)
-
-def _unet_from_state(config, state, source, edm=False):
+def _unet_from_state(config, state, edm=False):
     """memdiff's UNet(**config) holding the tensors of state (EDM's q, k, v layout when edm)."""
-    # Built first on the meta device, which allocates nothing, and every stored tensor compared
-    # with it, shape and storage: a file can only make memdiff allocate about what it holds.
+    # Arguments bounded, a first build on the meta device (no allocation), every stored tensor
+    # matched to it, shape and storage: a file makes memdiff allocate about what it holds.
     if not isinstance(config, dict) or not isinstance(state, dict):
-        _fail(source, 'the network is stored without its U-Net arguments and tensors')
-    for key, bound in _UNET_BOUNDS.items():
+        raise ValueError('the network is stored without its U-Net arguments and tensors')
+    for key, bound in dict(img_resolution=4096, in_channels=64, out_channels=64, label_dim=10 ** 6,
+                           model_channels=4096, num_blocks=64).items():
         value = config.get(key, 0)
         if not isinstance(value, int) or not 0 <= value <= bound:
-            _fail(source, f'U-Net argument {key}={value!r} is outside 0..{bound}')
+            raise ValueError(f'U-Net argument {key}={value!r} is not a whole number in 0..{bound}')
     mult = config.get('channel_mult', ())
     if not isinstance(mult, (list, tuple)) or len(mult) > 16 \
             or not all(isinstance(m, int) and 1 <= m <= 64 for m in mult):
-        _fail(source, f'U-Net argument channel_mult={mult!r} is not 1..16 whole numbers in 1..64')
-    try:
-        with torch.device('meta'):
-            own = UNet(**config).state_dict()
-    except (TypeError, ValueError) as e:
-        _fail(source, f'U-Net arguments memdiff cannot build: {e}')
+        raise ValueError(f'U-Net argument channel_mult={mult!r} is not 1..16 whole numbers in 1..64')
+    with torch.device('meta'):
+        own = UNet(**config).state_dict()
     optional = {'freqs'} if edm and config.get('embedding') == 'positional' else set()  # computed
     missing, unexpected = set(own) - set(state) - optional, set(state) - set(own)
     wrong = sorted(k for k in set(state) & set(own) if not isinstance(state[k], torch.Tensor)
                    or state[k].shape != own[k].shape or state[k].dtype.is_complex
                    or state[k].numel() * state[k].element_size() > state[k].untyped_storage().nbytes())
     if missing or unexpected or wrong:
-        _fail(source, f"the stored network does not fit memdiff's U-Net: missing {sorted(missing)}, "
-              f'unexpected {sorted(unexpected)}, wrong shape, type or storage {wrong}')
+        raise ValueError(f"the stored network does not fit memdiff's U-Net: missing {sorted(missing)}, "
+                         f'unexpected {sorted(unexpected)}, wrong shape, type or storage {wrong}')
     if edm:                                             # EDM: channel 3c + j holds q/k/v (j) of c
         state = {k: t.reshape(t.shape[0] // 3, 3, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
                  if k.split('.')[-2:-1] == ['qkv'] else t for k, t in state.items()}
@@ -1552,134 +1508,97 @@ def _unet_from_state(config, state, source, edm=False):
     net.load_state_dict(state, strict=False)
     return net
 
-_REQUIRED = object()
-# EDM's SongUNet signature in order (DiffMemorize adds skip_connections), with its defaults.
-_SONG_UNET_SIGNATURE = dict(
-    img_resolution=_REQUIRED, in_channels=_REQUIRED, out_channels=_REQUIRED, label_dim=0,
-    augment_dim=0, model_channels=128, channel_mult=[1, 2, 2, 2], channel_mult_emb=4, num_blocks=4,
+# EDM's SongUNet arguments and defaults (DiffMemorize adds skip_connections); the first three have
+# none. augment_dim and label_dropout act only in training (no augmentation labels at sampling).
+_SONG_UNET = dict(
+    img_resolution=None, in_channels=None, out_channels=None, label_dim=0, augment_dim=0,
+    model_channels=128, channel_mult=[1, 2, 2, 2], channel_mult_emb=4, num_blocks=4,
     attn_resolutions=[16], dropout=0.10, label_dropout=0, embedding_type='positional',
     channel_mult_noise=1, encoder_type='standard', decoder_type='standard', resample_filter=[1, 1],
     skip_connections=None)
-# EDM's preconditioning signatures in order: memdiff kind, then arguments and defaults.
-_PRECOND_SIGNATURES = {
-    'VPPrecond': ('vp', dict(img_resolution=_REQUIRED, img_channels=_REQUIRED, label_dim=0,
-                             use_fp16=False, beta_d=19.9, beta_min=0.1, M=1000, epsilon_t=1e-5,
-                             model_type='SongUNet')),
-    'VEPrecond': ('ve', dict(img_resolution=_REQUIRED, img_channels=_REQUIRED, label_dim=0,
-                             use_fp16=False, sigma_min=0.02, sigma_max=100, model_type='SongUNet')),
-    'EDMPrecond': ('edm', dict(img_resolution=_REQUIRED, img_channels=_REQUIRED, label_dim=0,
-                               use_fp16=False, sigma_min=0, sigma_max=float('inf'),
-                               sigma_data=0.5, model_type='DhariwalUNet')),
-}
+# The two SongUNets of the study (EDM's train.py --arch ddpmpp and ncsnpp), and nothing in between.
+_SONG_UNET_ARCHS = {
+    'ddpmpp': dict(encoder_type='standard', decoder_type='standard', resample_filter=[1, 1],
+                   channel_mult_noise=1, channel_mult_emb=4),
+    'ncsnpp': dict(encoder_type='residual', decoder_type='standard', resample_filter=[1, 3, 3, 1],
+                   channel_mult_noise=2, channel_mult_emb=4)}
 
-def _arguments(record, signature, source, model_kwargs=False):
-    """A record's constructor arguments bound to a signature (an ordered dict of defaults)."""
-    if len(record.init_args) > len(signature):
-        _fail(source, f'{record.class_name} has {len(record.init_args)} positional arguments')
-    kwargs = dict(zip(signature, record.init_args))
-    unknown = set(record.init_kwargs) - set(signature)
-    if unknown and not model_kwargs:                    # a Precond passes the rest to its model
-        _fail(source, f'{record.class_name} has arguments memdiff does not implement: {sorted(unknown)}')
-    kwargs = {**signature, **kwargs, **record.init_kwargs}
-    absent = [k for k, v in kwargs.items() if v is _REQUIRED]
-    if absent:
-        _fail(source, f'{record.class_name} was stored without {absent}')
-    return kwargs
-
-
-def _unet_from_edm(record, source):
+def _unet_from_edm(record):
     """memdiff's UNet with the weights of an EDM/DiffMemorize SongUNet record."""
-    kw = _arguments(record, _SONG_UNET_SIGNATURE, source)
-    # memdiff implements the two SongUNet configurations of the study, and nothing in between.
-    arch = {('standard', (1, 1), 1): 'ddpmpp', ('residual', (1, 3, 3, 1), 2): 'ncsnpp'}.get(
-        (kw['encoder_type'], tuple(kw['resample_filter']), kw['channel_mult_noise']))
-    if arch is None or kw['decoder_type'] != 'standard' or kw['channel_mult_emb'] != 4:
-        _fail(source, f"SongUNet with encoder_type={kw['encoder_type']!r}, "
-              f"decoder_type={kw['decoder_type']!r}, resample_filter={kw['resample_filter']}, "
-              f"channel_mult_noise={kw['channel_mult_noise']}, channel_mult_emb="
-              f"{kw['channel_mult_emb']}: memdiff implements DDPM++ ('standard', [1, 1], 1) and "
-              "NCSN++ ('residual', [1, 3, 3, 1], 2), decoder 'standard', channel_mult_emb 4")
-    # augment_dim and label_dropout act only in training (no augmentation labels at sampling).
-    config = dict(img_resolution=kw['img_resolution'], in_channels=kw['in_channels'],
-                  out_channels=kw['out_channels'], label_dim=kw['label_dim'],
-                  model_channels=kw['model_channels'], channel_mult=list(kw['channel_mult']),
-                  num_blocks=kw['num_blocks'], attn_resolutions=list(kw['attn_resolutions']),
-                  dropout=kw['dropout'], arch=arch, embedding=kw['embedding_type'],
-                  skips=kw['skip_connections'] or None)
-    try:
-        tensors = _edm_names(_record_tensors(record))
-    except pickle.UnpicklingError as e:
-        _fail(source, f'the stored SongUNet holds something other than tensors: {e}')
-    return _unet_from_state(config, tensors, source, edm=True)
+    kw = {**_SONG_UNET, **record.state['_init_kwargs']}
+    unknown = sorted(kw.keys() - _SONG_UNET.keys())
+    if unknown:
+        raise ValueError(f'SongUNet has arguments memdiff does not implement: {unknown}')
+    found = {k: kw[k] for k in _SONG_UNET_ARCHS['ddpmpp']}
+    arch = next((a for a, settings in _SONG_UNET_ARCHS.items() if settings == found), None)
+    if arch is None:
+        raise ValueError(f'SongUNet with {found}: memdiff implements {_SONG_UNET_ARCHS}')
+    config = {k: kw[k] for k in ('img_resolution', 'in_channels', 'out_channels', 'label_dim',
+                                 'model_channels', 'channel_mult', 'num_blocks', 'attn_resolutions',
+                                 'dropout')}
+    config.update(arch=arch, embedding=kw['embedding_type'], skips=kw['skip_connections'] or None)
+    return _unet_from_state(config, _edm_names(_record_tensors(record)), edm=True)
 
-def _precond_from_edm(record, source):
+# EDM's preconditionings: memdiff's kind and the arguments it reads (memdiff's defaults are EDM's);
+# the others (img_resolution, label_dim, model_type, ...) went to the SongUNet held as .model.
+_PRECONDS = {'VPPrecond': ('vp', ('beta_d', 'beta_min', 'M', 'epsilon_t')),
+             'VEPrecond': ('ve', ('sigma_min', 'sigma_max')),
+             'EDMPrecond': ('edm', ('sigma_min', 'sigma_max', 'sigma_data'))}
+
+def _precond_from_edm(ema, path):
     """memdiff's Precond(UNet) from an EDM VPPrecond / VEPrecond / EDMPrecond record."""
-    if record.class_name not in _PRECOND_SIGNATURES:
-        _fail(source, f'the network is a {record.class_name}; memdiff reads VPPrecond, VEPrecond '
-              'and EDMPrecond')
-    kind, signature = _PRECOND_SIGNATURES[record.class_name]
-    kw = _arguments(record, signature, source, model_kwargs=True)
-    model = (record.state.get('_modules') or {}).get('model')
-    name = getattr(model, 'class_name', type(model).__name__)
-    if not isinstance(model, _Record) or name != 'SongUNet':
-        _fail(source, f'the network inside {record.class_name} is a {name}; memdiff implements '
-              'SongUNet (DDPM++ / NCSN++) only')
-    net = _unet_from_edm(model, source)
-    if net.label_dim != kw['label_dim']:
-        _fail(source, f"label_dim {kw['label_dim']} of {record.class_name} and {net.label_dim} "
-              'of its SongUNet differ')
-    if kw['use_fp16']:
-        warnings.warn(f'{source}: stored with use_fp16=True; memdiff evaluates it in float32 '
-                      '(EDM runs such a network in float16 on a GPU)')
-    if kind == 'vp':
-        return Precond(net, 'vp', beta_d=kw['beta_d'], beta_min=kw['beta_min'], M=kw['M'],
-                       epsilon_t=kw['epsilon_t'])
-    return Precond(net, kind, sigma_data=kw.get('sigma_data', 0.5), sigma_min=kw['sigma_min'],
-                   sigma_max=kw['sigma_max'])
+    name = getattr(ema, 'class_name', type(ema).__name__)
+    if name not in _PRECONDS:
+        raise ValueError(f"holds a {name}, not the study's network-snapshot-*.pkl (a dict whose "
+                         "'ema' entry is a VPPrecond, VEPrecond or EDMPrecond)")
+    kind, names = _PRECONDS[name]
+    kw, model = ema.state['_init_kwargs'], ema.state['_modules'].get('model')
+    if getattr(model, 'class_name', None) != 'SongUNet':
+        raise ValueError(f"the network inside {name} is a {getattr(model, 'class_name', model)}; "
+                         'memdiff implements SongUNet (DDPM++ / NCSN++) only')
+    if ema.state.get('_init_args') or model.state.get('_init_args'):  # EDM passes keywords only
+        raise ValueError(f'{name} or its SongUNet was stored with positional arguments')
+    if kw.get('use_fp16'):                              # EDM runs it in float16 on a GPU
+        warnings.warn(f'{path}: stored with use_fp16=True; memdiff evaluates it in float32')
+    return Precond(_unet_from_edm(model), kind, **{k: kw[k] for k in names if k in kw})
 
 _PRECOND_SETTINGS = ('kind', 'sigma_data', 'beta_d', 'beta_min', 'M', 'epsilon_t', 'sigma_min',
                      'sigma_max')
 
 def save_network(precond, path):
     """Write a Precond(UNet) to path as a memdiff network file (settings and tensors, no code)."""
-    settings = {k: getattr(precond, k) for k in _PRECOND_SETTINGS}
-    state = {k: v.detach().cpu() for k, v in precond.net.state_dict().items()}
-    torch.save(dict(format='memdiff-network', version=1, unet=precond.net.config, precond=settings,
-                    state=state), path)
+    torch.save(dict(format='memdiff-network', version=1, unet=precond.net.config,
+                    precond={k: getattr(precond, k) for k in _PRECOND_SETTINGS},
+                    state={k: t.cpu() for k, t in precond.net.state_dict().items()}), path)
 
-def _load_memdiff_network(path):
+def _read_network(path):
     """Precond(UNet) from a save_network file, read with torch.load(weights_only=True)."""
     data = torch.load(path, map_location='cpu', weights_only=True)
     if not isinstance(data, dict) or data.get('format') != 'memdiff-network':
-        _fail(path, 'is a torch file but not a memdiff network (save_network writes those)')
+        raise ValueError('is a torch file but not a memdiff network (save_network writes those)')
     settings = data.get('precond')
     if not isinstance(settings, dict) or set(settings) - set(_PRECOND_SETTINGS) \
             or not all(isinstance(v, (int, float, str)) for v in settings.values()):
-        _fail(path, f'precond settings must be a dict of {", ".join(_PRECOND_SETTINGS)}')
-    return Precond(_unet_from_state(data.get('unet'), data.get('state'), path), **settings)
+        raise ValueError(f'precond settings must be a dict of {", ".join(_PRECOND_SETTINGS)}')
+    return Precond(_unet_from_state(data.get('unet'), data.get('state')), **settings)
 
 def load_network(path):
     """The study's network-snapshot-*.pkl (its 'ema') or a save_network file -> Precond(UNet), eval."""
-    # No code from the file runs, nor the study's code; every failure is a ValueError naming the file.
+    # No code from the file runs; every failure becomes one ValueError starting with the path.
     path = Path(path)
     if not path.is_file():
         _fail(path, 'no such file')
     try:
         with open(path, 'rb') as f:
             if f.read(4) == b'PK\x03\x04':              # a zip: torch.save's format, memdiff's file
-                precond = _load_memdiff_network(path)
+                precond = _read_network(path)
             else:                                       # a pickle: the study's snapshot
                 f.seek(0)
-                data = _SnapshotUnpickler(f, path).load()
+                data = _SnapshotUnpickler(f).load()
                 ema = data.get('ema') if isinstance(data, dict) else data
-                if not isinstance(ema, _Record):
-                    _fail(path, "holds no EDM network (expected the study's network-snapshot-*.pkl, "
-                          "a dict whose 'ema' entry is a VPPrecond, VEPrecond or EDMPrecond)")
                 precond = _precond_from_edm(ema, path)
-    except ValueError as e:
-        if str(e).startswith(str(path)):
-            raise
-        _fail(path, f'not a readable network file ({e})')
+    except ValueError as e:                             # the readers' own refusals, located
+        _fail(path, e)
     except Exception as e:                              # torch, pickle and the allocator raise many
         _fail(path, f'not a readable network file ({type(e).__name__}: {e})')
     return precond.eval().requires_grad_(False)
