@@ -12,6 +12,7 @@ import fcntl
 import functools
 import hashlib
 import io
+import itertools
 import json
 import os
 import platform
@@ -24,6 +25,7 @@ import click
 import numpy as np
 import PIL.Image
 import PIL.ImageDraw
+import PIL.ImageOps
 import torch
 
 import memdiff
@@ -37,13 +39,16 @@ PAPER = dict(model_channels=128, channel_mult=(2, 2, 2), num_blocks=2, dropout=0
              lr=2e-4, batch=512, epochs=40000.0, lr_rampup=200.0, ema_mode='mode2',
              ema_halflife=10.0, whole_kimg=True, snapshot_images=2_500_000, samples=10000, seed=1024)
 NCSNPP = dict(precond='ve', embedding='fourier')
+# The fields each option sets: given, it keeps the preset off them all (--train-steps its epochs).
+SETS = dict(ema=('ema_mode', 'ema_halflife', 'ema_beta'), train_steps=('train_steps', 'epochs'),
+            snapshots=('snapshots', 'snapshot_spacing', 'snapshot_images'))
 NUMBER, BETA = r'(\d+\.?\d*|\.\d+)(e-?\d+)?', r'(0(\.\d*)?|1(\.0*)?|\.\d+)'
 
 #----------------------------------------------------------------------------
 # Options: typed and checked at the edge, then turned into one EMMConfig by make_config.
 
 class Option(click.Option):
-    """An option of one --help group (Data, Network, Training, Evaluation, Run)."""
+    """An option of one --help group (Data, Network, Training, Evaluation, Run), default shown."""
     def __init__(self, *decls, group='Run', **kwargs):
         super().__init__(*decls, show_default=True, **kwargs)
         self.group = group
@@ -54,80 +59,51 @@ def option(group, *decls, **kwargs):
 class Command(click.Command):
     """--help lists the options under their groups, in the order they are declared."""
     def format_options(self, ctx, formatter):
-        groups = {}
-        for p in self.get_params(ctx):
-            if p.get_help_record(ctx):
-                groups.setdefault(getattr(p, 'group', 'Run'), []).append(p.get_help_record(ctx))
-        for title, rows in groups.items():
-            with formatter.section(f'{title} options'):
-                formatter.write_dl(rows)
+        shown = [p for p in self.get_params(ctx) if p.get_help_record(ctx)]
+        for group, params in itertools.groupby(shown, lambda p: getattr(p, 'group', 'Run')):
+            with formatter.section(f'{group} options'):
+                formatter.write_dl([p.get_help_record(ctx) for p in params])
 
 class Pattern(click.ParamType):
     """Text that matches a regular expression (a label mode, an EMA, sizes, ...)."""
     name = 'text'
-
     def __init__(self, regex, kind):
         self.regex, self.kind = regex, kind
-
     def convert(self, value, param, ctx):
         if not re.fullmatch(self.regex, str(value)):
             self.fail(f'{value!r} is not {self.kind}', param, ctx)
         return str(value)
 
 def make_config(opts, given):
-    """Options, and the preset for what the command line did not give -> memdiff.EMMConfig."""
-    v = {k: opts[k] for k in ('data', 'resolution', 'classes', 'labels', 'arch', 'precond', 'lr',
-                              'model_channels', 'num_blocks', 'embedding', 'dropout', 'batch',
-                              'weight_decay', 'train_steps', 'epochs', 'samples', 'threshold',
-                              'seed')}
+    """Options, and the preset where the command line gave none -> a checked memdiff.EMMConfig."""
+    fields = {f.name: c for c in (memdiff.EMMConfig, memdiff.TrainConfig)
+              for f in dataclasses.fields(c)}
+    v = {k: x for k, x in opts.items() if k in fields}      # options named after their fields
     v['skips'] = opts['skips'] and tuple(int(s) for s in opts['skips'].split(','))
-    mode, _, value = opts['ema'].partition(':')
-    v['ema_mode'] = mode
+    v['ema_mode'], _, value = opts['ema'].partition(':')
     if value:                                               # mode4 and fixed take a beta
-        v['ema_beta' if mode in ('mode4', 'fixed') else 'ema_halflife'] = float(value)
+        v['ema_beta' if v['ema_mode'] in ('mode4', 'fixed') else 'ema_halflife'] = float(value)
     count, _, spacing = opts['snapshots'].partition(':')
     v.update(snapshots=int(count), snapshot_spacing=spacing or 'linear')
-    if opts['preset'] == 'paper':
-        mine = {k for k in v if k in given}                 # the command line wins, and
-        mine |= {'ema_mode', 'ema_halflife', 'ema_beta'} if 'ema' in given else set()
-        mine |= {'snapshots', 'snapshot_spacing', 'snapshot_images'} if 'snapshots' in given \
-            else set()                                      # --snapshots replaces its ticks,
-        mine |= {'epochs'} if 'train_steps' in given else set()  # --train-steps its epochs
+    if opts['preset'] == 'paper':                           # the command line wins
+        mine = {k for name in given for k in SETS.get(name, (name,))}
         v.update({k: x for k, x in {**PAPER, **(NCSNPP if v['arch'] == 'ncsnpp' else {})}.items()
                   if k not in mine})
-    fields = {f.name for f in dataclasses.fields(memdiff.TrainConfig)}
-    train = memdiff.TrainConfig(**{k: v.pop(k) for k in list(v) if k in fields})
+    train = memdiff.TrainConfig(**{k: v.pop(k) for k in list(v) if fields[k] is memdiff.TrainConfig})
     cfg = memdiff.EMMConfig(**v, train=train)
-    check_config(cfg)
+    # Refused before anything runs: classes, a resolution or labels the data set cannot give (the
+    # data set says which), and a network that cannot be built (built without memory or time).
+    images, labels = dataset(cfg.data, cfg.resolution, cfg.classes)
+    label_dim = memdiff.assign_labels(labels, cfg.labels, len(images))[1]
+    if not cfg.optimum:
+        with torch.device('meta'):
+            memdiff.build_network(cfg, tuple(images.shape[1:]), label_dim)
     return cfg
-
-def check_config(cfg):
-    """Refuse a configuration the data set or the network cannot give, before anything runs."""
-    images, labels = dataset(cfg.data, None, None)
-    classes = 0 if labels is None else int(labels.max()) + 1
-    for bad, hint, problem in (
-            (cfg.labels == 'true' and labels is None, 'labels',
-             f"'true' needs labels, and {cfg.data} has none"),
-            ((cfg.resolution or 0) > images.shape[-1], 'resolution',
-             f'{cfg.resolution} is above the image size {images.shape[-1]} of {cfg.data}'),
-            ((cfg.classes or 0) > classes, 'classes', f'{cfg.data} has {classes} classes, '
-             f'not {cfg.classes}')):
-        if bad:
-            raise click.BadParameter(problem, param_hint=f'--{hint}')
-    images = dataset(cfg.data, cfg.resolution, cfg.classes)[0]  # a resolution it cannot make
-    if not cfg.optimum:                                     # an impossible network fails here,
-        with torch.device('meta'):                          # built without memory or time
-            memdiff.build_network(cfg, tuple(images.shape[1:]), 0 if cfg.labels == 'none' else 2)
-
-@functools.lru_cache(maxsize=1)
-def stored(data):
-    """The pixels of a data set as stored: read once per run."""
-    return memdiff.read_dataset(data)
 
 @functools.lru_cache(maxsize=4)
 def dataset(data, resolution, classes):
-    """The data set of a configuration (its classes, its resolution)."""
-    return memdiff.prepare_dataset(*stored(data), resolution, classes, data)
+    """The data set of a configuration (its classes, its resolution), loaded once per run."""
+    return memdiff.load_dataset(data, resolution, classes)
 
 def config_hash(cfg):
     """Short hash of the configuration: the default output folder of a run."""
@@ -137,31 +113,33 @@ def config_hash(cfg):
 # Files. Every file is written whole or not at all. An output folder holds config.json, one record
 # per finished size (n16.json), the combined results.json / results.csv, and in work/ the lock and
 # the resume files of each size being measured.
+POINT = ('size', 'ratio', 'ci', 'snapshots')                # what a size's record holds at least
+VERSIONS = dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__)
 
 def atomic_write(path, data):
-    """Write data (str, bytes, or a function of a temporary path) to path via a rename."""
+    """Write data (str, bytes, or a function writing to a binary file) to path via a rename."""
     tmp = Path(f'{path}.{os.getpid()}.tmp')                 # one per process: writers may race
-    data(tmp) if callable(data) else tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    with open(tmp, 'wb') as f:
+        data(f) if callable(data) else f.write(data.encode() if isinstance(data, str) else data)
     os.replace(tmp, path)
 
-def read_json(path):
+def read_json(path, keys=()):
+    """A JSON object of an output folder, holding keys; else a one-line error naming the file."""
     try:
-        return json.loads(Path(path).read_text())
+        record = json.loads(Path(path).read_text())
+        if not isinstance(record, dict) or not set(keys) <= set(record):
+            raise ValueError('not a JSON object' + (f' holding {", ".join(keys)}' if keys else ''))
     except (OSError, ValueError) as e:
         raise ValueError(f'{path}: not a readable memdiff record ({e}); move it away or choose '
                          'another output folder') from None
+    return record
 
-def read_point(path):
-    """A finished size's record, checked to be one."""
-    point = read_json(path)
-    if not isinstance(point, dict) or not {'size', 'ratio', 'ci', 'snapshots'} <= set(point):
-        raise ValueError(f'{path}: not a memdiff size record; move it away or choose another '
-                         'output folder')
-    return point
-
-def versions():
-    """Versions of the software a record was made with."""
-    return dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__)
+def folder(path):
+    """path as an output folder: made where missing, refused where it is a file."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f'{path}: is a file, not a folder; choose another --outdir')
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 @contextlib.contextmanager
 def locked(path, wait_message=None):
@@ -176,10 +154,8 @@ def locked(path, wait_message=None):
 
 def open_folder(outdir, cfg):
     """The output folder of cfg: created with config.json, or checked against the one it holds."""
-    outdir = Path(outdir)
-    if outdir.exists() and not outdir.is_dir():
-        raise ValueError(f'{outdir}: is a file, not a folder; choose another --outdir')
-    (outdir / 'work').mkdir(parents=True, exist_ok=True)
+    outdir = folder(Path(outdir))
+    (outdir / 'work').mkdir(exist_ok=True)
     config, path = cfg.to_dict(), outdir / 'config.json'
     with locked(outdir / 'work' / 'config.lock'):          # two new runs: the first one's wins
         if not path.exists():
@@ -193,34 +169,34 @@ def open_folder(outdir, cfg):
 
 def combine(outdir, cfg):
     """results.json and results.csv of every size recorded in outdir, sizes ascending."""
-    with locked(Path(outdir) / 'work' / 'results.lock'):
-        points = sorted((read_point(p) for p in Path(outdir).glob('n*.json')), key=lambda p: p['size'])
+    with locked(outdir / 'work' / 'results.lock'):
+        points = sorted((read_json(p, POINT) for p in outdir.glob('n*.json')),
+                        key=lambda p: p['size'])
         # The law's bootstrap is seeded here, once: the same points always give the same interval.
         tau = None if cfg.optimum else memdiff.tau_law(points, cfg.samples, cfg.threshold,
                                                        generator=torch.Generator().manual_seed(0))
         record = dict(**memdiff.summarize(points, cfg.threshold), threshold=cfg.threshold, tau=tau,
                       points=points, config=cfg.to_dict())
-        atomic_write(Path(outdir) / 'results.json', json.dumps(record, indent=1))
+        atomic_write(outdir / 'results.json', json.dumps(record, indent=1))
         keys = ['ratio_study'] + ['best_step', 'tau_mem', 'share', 'gap'] * (not cfg.optimum)
         rows = [[p['size'], p['ratio'], *p['ci']] + [p.get(k) for k in keys] for p in points]
-        atomic_write(Path(outdir) / 'results.csv', '\n'.join(','.join(
+        atomic_write(outdir / 'results.csv', '\n'.join(','.join(
             '' if c is None else f'{c:.4g}' if isinstance(c, float) else str(c) for c in row)
             for row in [['size', 'ratio', 'ci_low', 'ci_high'] + keys] + rows) + '\n')
     return record
 
-def save_samples(path, detail, y):
-    """The samples of one snapshot for analysis: uint8 [B,H,W,C] as the study saves them, their seeds
-    and classes, d1, d2, d1/d2 and the indices of the two nearest training images."""
-    a = {k: detail[k].cpu().numpy() for k in ('d1', 'd2')}
+def save_samples(path, detail):
+    """Save a snapshot's uint8 samples [B,H,W,C], seeds, classes, d1, d2, d1/d2, nearest [B,2]."""
+    a = {k: v.cpu().numpy() for k, v in detail.items() if v is not None}  # classes: conditional
     a.update(samples=memdiff.to_uint8(detail['samples']).permute(0, 2, 3, 1).cpu().numpy(),
-             seeds=np.arange(len(a['d1'])), d1_d2=a['d1'] / a['d2'],
-             nearest=detail['index'].cpu().numpy(),
-             **({} if detail['classes'] is None else dict(classes=detail['classes'].cpu().numpy())))
+             seeds=np.arange(len(a['d1'])), d1_d2=a['d1'] / a['d2'], nearest=a.pop('index'))
+    atomic_write(path, lambda f: np.savez(f, **a))
 
-    def write(tmp):
-        with open(tmp, 'wb') as f:
-            np.savez(f, **a)
-    atomic_write(path, write)
+def say_duplicates(y, log, prefix=''):
+    """Say how many training images y holds exact copies of: the two ratios differ then."""
+    if count := memdiff.duplicates(y):
+        log(f"{prefix}{count} training images have exact duplicates: 'ratio' counts a copy of one "
+            "as memorized, 'ratio_study' does not (the study)")
 
 #----------------------------------------------------------------------------
 # One size, and the search. A size is locked while one process measures it; a process that needs
@@ -233,7 +209,7 @@ def measure_size(cfg, data, n, outdir, device, log, save=False):
     record, resume = outdir / f'n{n}.json', outdir / 'work' / f'n{n}.pt'
     with locked(outdir / 'work' / f'n{n}.lock', f'|D| = {n}: another process is measuring it; '
                 'waiting') if rank == 0 else contextlib.nullcontext():
-        point = [read_point(record) if rank == 0 and record.exists() else None]
+        point = [read_json(record, POINT) if rank == 0 and record.exists() else None]
         if world > 1:                                       # every rank follows rank 0
             torch.distributed.broadcast_object_list(point)
         if point[0] is not None:
@@ -250,24 +226,22 @@ def measure_size(cfg, data, n, outdir, device, log, save=False):
             raise ValueError(f'{resume}: not a readable resume file ({str(e).splitlines()[0]}); '
                              'delete it to measure this size from the start') from None
         y = memdiff.training_set(*data, n, cfg)[0]
-        if memdiff.duplicates(y):
-            log(f'|D| = {n}: {memdiff.duplicates(y)} training images have exact duplicates: '
-                "'ratio' counts a copy of one as memorized, 'ratio_study' does not (the study)")
+        say_duplicates(y, log, f'|D| = {n}: ')
         for snapshot, detail, state in memdiff.measure(*data, n, cfg, device, work['state'],
                                                        progress_bar()):
             if rank == 0 and save:
-                save_samples(outdir / f"samples_n{n}_step{snapshot['step']}.npz", detail, y)
+                save_samples(outdir / f"samples_n{n}_step{snapshot['step']}.npz", detail)
             if all(snapshot['ratio'] > s['ratio'] for s in done):
                 best = detail['samples'][:64].cpu()
             done.append(snapshot)
             state = state and state()                       # every rank: it gathers their streams
             if rank == 0 and state:
-                atomic_write(resume, lambda t: torch.save(dict(snapshots=done, best=best,
-                                                               state=state), t))
-        point = dict(memdiff.best_point(n, done, cfg.threshold), world_size=world, versions=versions())
+                atomic_write(resume, lambda f: torch.save(dict(snapshots=done, best=best,
+                                                               state=state), f))
+        point = dict(memdiff.best_point(n, done, cfg.threshold), world_size=world, versions=VERSIONS)
         if rank == 0:
-            atomic_write(outdir / f'samples_n{n}.png', lambda t: sample_grid(
-                memdiff.quantize_uint8(best), y, cfg.mem_threshold).save(t, format='PNG'))
+            atomic_write(outdir / f'samples_n{n}.png', lambda f: sample_grid(
+                memdiff.quantize_uint8(best), y, cfg.mem_threshold).save(f, format='PNG'))
             atomic_write(record, json.dumps(point, indent=1))
             resume.unlink(missing_ok=True)
             combine(outdir, cfg)
@@ -275,10 +249,9 @@ def measure_size(cfg, data, n, outdir, device, log, save=False):
         f'{point["ci"][1]:.3f}' + (')' if cfg.optimum else f', best step {point["best_step"]})'))
     return point
 
-def emm_search(cfg, outdir, data, sizes=slice(16, None), tolerance=0.35, device=torch.device('cpu'),
-               log=print, save=False):
+def emm_search(cfg, outdir, sizes, tolerance, device, log, save=False):
     """Measure a grid of sizes (a tuple), or search the range of a slice; record and resume in outdir."""
-    images, labels = data
+    images, labels = data = dataset(cfg.data, cfg.resolution, cfg.classes)
     top = memdiff.max_subset_size(labels if labels is not None else len(images))
     asked = list(sizes) if isinstance(sizes, tuple) else [sizes.start, sizes.stop or top]
     if max(asked) > top:
@@ -293,10 +266,8 @@ def emm_search(cfg, outdir, data, sizes=slice(16, None), tolerance=0.35, device=
 
     def ratio_at(n):
         return measure_size(cfg, data, n, outdir, device, log, save)['ratio']
-    if isinstance(sizes, slice):
-        status = memdiff.find_emm(ratio_at, *asked, cfg.threshold, tolerance=tolerance)['status']
-    else:
-        status = [ratio_at(n) for n in sizes] and 'grid'
+    status = memdiff.find_emm(ratio_at, *asked, cfg.threshold, tolerance=tolerance)['status'] \
+        if isinstance(sizes, slice) else [ratio_at(n) for n in sizes] and 'grid'
     if rank != 0:
         return None
     record = dict(combine(outdir, cfg), search=status)
@@ -304,6 +275,7 @@ def emm_search(cfg, outdir, data, sizes=slice(16, None), tolerance=0.35, device=
         plot_memorization(outdir / 'memorization.png', record, cfg.threshold, not cfg.optimum)
     except ImportError:
         log("(memorization.png needs matplotlib: pip install 'memdiff[plot]')")
+    print_table(record, cfg)
     return record
 
 #----------------------------------------------------------------------------
@@ -355,9 +327,9 @@ Examples:
         help='Training steps per size (unless --epochs).')
 @option('Training', '--epochs', metavar='FLOAT', type=click.FloatRange(0, min_open=True),
         help='Training length in passes over |D| instead.')
-@option('Training', '--snapshots', metavar='N[:log]', default='3', help='EMA snapshots scored '
-        'per size; N:log spaces them from 1% of the steps.',
-        type=Pattern(r'[1-9]\d*(:log)?', 'N or N:log with N >= 1'))
+@option('Training', '--snapshots', metavar='N[:log]', default='3', type=Pattern(
+        r'[1-9]\d*(:log)?', 'N or N:log with N >= 1'), help='EMA snapshots scored per size; N:log '
+        'spaces them from 1% of the steps.')
 @option('Evaluation', '--samples', metavar='INT', type=click.IntRange(min=1), default=1000,
         help='Samples per snapshot (seeds 0..N-1, as the study).')
 @option('Evaluation', '--threshold', metavar='FLOAT', type=click.FloatRange(0, 1), default=0.9,
@@ -372,7 +344,8 @@ Examples:
 @option('Run', '--preset', type=click.Choice(['paper']), help="The study's CIFAR-10 run.")
 @option('Run', '--seed', metavar='INT', type=click.IntRange(min=0), default=0,
         help='Seed of weights, data order and noise.')
-@option('Run', '--device', metavar='DEV', default='auto', help="auto | cpu | cuda | cuda:N.")
+@option('Run', '--device', metavar='DEV', default='auto', help='auto | cpu | cuda | cuda:N.',
+        type=Pattern(r'auto|(cpu|cuda)(:\d+)?', 'auto, cpu, cuda or cuda:N'))
 @option('Run', '--outdir', metavar='DIR', help='Output folder [runs/emm-<config hash>].')
 @option('Run', '--dry-run', is_flag=True, help='Print the configuration and its cost.')
 @option('Run', '--sweep', metavar='OPTION=V1,V2', help="One search per value, e.g. labels=none,"
@@ -407,17 +380,16 @@ def main(ctx, **opts):
         factor = opts['sweep'] and opts['sweep'].split('=')[0].strip()
         configs = [(value, make_config(o, given | {factor.replace('-', '_')} if factor else given))
                    for value, o in (sweep_values(ctx, opts) if factor else [(None, opts)])]
-        for value, cfg in configs if opts['dry_run'] else []:
-            dry_run(cfg, opts['sizes'])
         records = []
-        for value, cfg in [] if opts['dry_run'] else configs:
+        for value, cfg in configs:
+            if opts['dry_run']:
+                dry_run(cfg, opts['sizes'])
+                continue
             outdir = opts['outdir'] or f'runs/emm-{config_hash(cfg)}'
             outdir = f'{outdir}/{factor}={value}' if factor and opts['outdir'] else outdir
             log(f'memdiff EMM search -> {outdir} (world size {world}, device {device})')
-            record = emm_search(cfg, outdir, dataset(cfg.data, cfg.resolution, cfg.classes),
-                                opts['sizes'], opts['tolerance'], device, log, opts['save_samples'])
-            records.append((value, record))
-            print_table(record, cfg) if rank == 0 else None
+            records.append((value, emm_search(cfg, outdir, opts['sizes'], opts['tolerance'], device,
+                                              log, opts['save_samples'])))
         if records and factor and rank == 0:
             write_sweep(opts['outdir'] or 'runs', factor, records)
         close_distributed()
@@ -430,14 +402,10 @@ def main(ctx, **opts):
 
 def init_distributed(device_name='auto'):
     """Join the torchrun process group when launched by torchrun -> (device, rank, world_size)."""
-    try:
-        device = torch.device('cuda' if torch.cuda.is_available() else 'cpu') \
-            if device_name == 'auto' else torch.device(device_name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {device_name!r} (use auto, cpu, cuda or cuda:N)") from None
-    if device.type not in ('cpu', 'cuda') or device.type == 'cuda' and not torch.cuda.is_available():
-        raise ValueError(f'device {device_name!r} is not supported or this machine has no CUDA GPU '
-                         '(use cpu, or cuda on a machine with one)')
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu') \
+        if device_name == 'auto' else torch.device(device_name)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f'device {device_name!r}: this machine has no CUDA GPU (use cpu)')
     if int(os.environ.get('WORLD_SIZE', '1')) > 1 and not torch.distributed.is_initialized():
         # A size another job is measuring may keep rank 0 waiting long: the group waits with it.
         torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
@@ -490,9 +458,7 @@ def dry_run(cfg, sizes):
 # The study's files: its training sets (--export) and its snapshots (--score).
 
 def export_training_set(cfg, sizes, path, force=False):
-    """Write the training set of size N (sizes = (N,)) to path as the study's dataset tools write it
-    (dataset_utils/dataset_size.py and its variants): an uncompressed zip of uncompressed PNGs
-    00000/img00000000.png.. in class-sorted order, then dataset.json {"labels": [[name, label]..]}."""
+    """The set of size N (sizes = (N,)) -> path, as the study's dataset tools write it."""
     if not path.lower().endswith('.zip') or Path(path).is_dir():
         raise click.BadParameter(f'{path!r} must be a file ending in .zip', param_hint='--export')
     if Path(path).exists() and not force:
@@ -501,27 +467,26 @@ def export_training_set(cfg, sizes, path, force=False):
         raise click.BadParameter('needs exactly one size, e.g. --sizes 1000', param_hint='--sizes')
     images, labels = dataset(cfg.data, cfg.resolution, cfg.classes)
     # With --labels none the study's files still carry the true labels (train.py --cond=0 ignores them).
-    true = cfg.labels == 'none' and labels is not None
-    y, c, _ = memdiff.training_set(images, labels, sizes[0],
-                                   dataclasses.replace(cfg, labels='true') if true else cfg)
-    pixels = memdiff.to_uint8(y).permute(0, 2, 3, 1).numpy()          # [n, H, W, C] uint8
-    if pixels.shape[-1] not in (1, 3):
-        raise click.BadParameter(f'the study writes RGB or grayscale images, not {pixels.shape[-1]} '
+    y, c, _ = memdiff.training_set(images, labels, sizes[0], dataclasses.replace(
+        cfg, labels='true' if cfg.labels == 'none' and labels is not None else cfg.labels))
+    if y.shape[1] not in (1, 3):
+        raise click.BadParameter(f'the study writes RGB or grayscale images, not {y.shape[1]} '
                                  'channels', param_hint='--data')
+    # dataset_utils/dataset_size.py and its variants: an uncompressed zip of uncompressed PNGs
+    # 00000/img00000000.png.. in class-sorted order, then dataset.json {"labels": [[name, label]..]}.
+    names = [f'{i // 1000:05d}/img{i:08d}.png' for i in range(len(y))]
 
-    def write(tmp):
-        with zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED) as z:
-            names = [f'{i // 1000:05d}/img{i:08d}.png' for i in range(len(pixels))]
-            for name, img in zip(names, pixels):
+    def write(f):
+        with zipfile.ZipFile(f, 'w', compression=zipfile.ZIP_STORED) as z:
+            for name, img in zip(names, memdiff.to_uint8(y).permute(0, 2, 3, 1).squeeze(-1)):
                 png = io.BytesIO()
-                PIL.Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(
-                    png, format='png', compress_level=0, optimize=False)
+                PIL.Image.fromarray(img.numpy()).save(png, format='png', compress_level=0)
                 z.writestr(name, png.getbuffer())
             z.writestr('dataset.json', json.dumps({'labels': None if c is None else
                                                    [[m, int(k)] for m, k in zip(names, c)]}))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, write)
-    click.echo(f'wrote {len(pixels)} images of shape {tuple(y.shape[1:])} '
+    click.echo(f'wrote {len(y)} images of shape {tuple(y.shape[1:])} '
                f'({"no labels" if c is None else f"labels {cfg.labels}"}) to {path}')
 
 def score_snapshots(opts, device, log):
@@ -530,24 +495,16 @@ def score_snapshots(opts, device, log):
     path, sizes, rank = Path(opts['score_path']), opts['sizes'], memdiff.dist_info()[0]
     if isinstance(sizes, tuple) and len(sizes) != 1:
         raise click.BadParameter('--score takes one training-set size', param_hint='--sizes')
-    files = sorted(path.glob('network-snapshot-*.pkl')) if path.is_dir() else [path]
-    if not path.exists() or not files:
+    files = sorted(path.glob('network-snapshot-*.pkl')) if path.is_dir() else [path] * path.exists()
+    if not files:
         raise ValueError(f'{path}: no such file, or a folder without network-snapshot-*.pkl')
-    files = files[1:] or files if path.is_dir() else files  # as mem_ratio.py: not the first one
     # The training set of size n by the study's rule, or the whole data set (the study's own zip).
-    n = sizes[0] if isinstance(sizes, tuple) else len(images)
-    y = (memdiff.training_set(images, labels, n, memdiff.EMMConfig())[0]
+    y = (memdiff.training_set(images, labels, sizes[0], memdiff.EMMConfig())[0]
          if isinstance(sizes, tuple) else images).to(device)
-    outdir = opts['outdir'] and Path(opts['outdir'])
-    if outdir and outdir.exists() and not outdir.is_dir():
-        raise ValueError(f'{outdir}: is a file, not a folder; choose another --outdir')
-    if outdir and rank == 0:
-        outdir.mkdir(parents=True, exist_ok=True)
-    if memdiff.duplicates(y):
-        log(f"{memdiff.duplicates(y)} training images have exact duplicates: 'ratio' counts a copy "
-            "of one as memorized, 'ratio_study' does not (the study)")
+    outdir = opts['outdir'] and folder(Path(opts['outdir']))
+    say_duplicates(y, log)
     rows = []
-    for file in files:
+    for file in files[1:] or files:                         # as mem_ratio.py: not the first one
         net = memdiff.load_network(file).to(device)
         shape = (net.net.in_channels, net.net.img_resolution, net.net.img_resolution)
         if shape != tuple(y.shape[1:]):
@@ -561,36 +518,33 @@ def score_snapshots(opts, device, log):
         log(f'{file.name}: memorization ratio {summary["ratio"]:.4f} (95% CI {summary["ci"][0]:.4f}-'
             f'{summary["ci"][1]:.4f}{study})')
         if opts['save_samples'] and outdir and rank == 0:
-            save_samples(outdir / f'samples_{file.stem}.npz', dict(samples=x, classes=c, **scores), y)
+            save_samples(outdir / f'samples_{file.stem}.npz', dict(samples=x, classes=c, **scores))
     best = max(rows, key=lambda r: r['ratio'])
     log(f'\nbest of {len(rows)}: {best["snapshot"]}, memorization ratio {best["ratio"]:.4f} '
-        f'against |D| = {n} of {opts["data"]}')
+        f'against |D| = {len(y)} of {opts["data"]}')
     if outdir and rank == 0:
         atomic_write(outdir / 'score.json', json.dumps(dict(
-            size=n, data=opts['data'], samples=opts['samples'], best=best, snapshots=rows,
-            versions=versions()), indent=1))
+            size=len(y), data=opts['data'], samples=opts['samples'], best=best, snapshots=rows,
+            versions=VERSIONS), indent=1))
     close_distributed()
 
 #----------------------------------------------------------------------------
 # What the user sees: progress, the table, the pictures, the sweep.
 
 class Progress:
-    """click progress bars for training steps and sampling evaluations."""
-    bar, kind, done = None, None, 0
+    """click progress bars on stderr for training steps and sampling evaluations."""
+    bar = None
 
     def __call__(self, kind, done, total):
-        if self.bar is None or kind != self.kind or done < self.done:
-            self.close()
-            self.bar = click.progressbar(length=total, label=f'  {kind:<7}', file=sys.stderr,
-                                         show_pos=True, width=30).__enter__()
-            self.kind, self.done = kind, 0
-        self.bar.update(done - self.done)
-        self.done = done
+        label = f'  {kind:<7}'
+        if self.bar is None or self.bar.label != label or done < self.bar.pos:
+            if self.bar:
+                self.bar.render_finish()                    # the next bar starts a new line
+            self.bar = click.progressbar(length=total, label=label, file=sys.stderr,
+                                         show_pos=True, width=30)
+        self.bar.update(done - self.bar.pos)
         if done >= total:
-            self.close()
-
-    def close(self):
-        self.bar = self.bar and self.bar.__exit__(None, None, None)
+            self.bar = self.bar.render_finish()
 
 def progress_bar():
     """Progress bars on rank 0 when stderr is a terminal (a log file gets none), else None."""
@@ -619,70 +573,60 @@ def print_table(record, cfg):
                    f"|D| = {', '.join(str(n) for n in law['sizes'])}")
 
 def sample_grid(samples, reference, mem_threshold=1/3, columns=4, scale=None):
-    """PIL image: each sample beside its nearest and second-nearest training images, d1/d2 written
-    under it, memorized samples (d1/d2 < mem_threshold) framed in red."""
+    """PIL image: samples beside their two nearest training images, d1/d2 below, red: memorized."""
     d, idx = memdiff.nearest_distinct(samples, reference)   # [B, 2], as the metric
-    d1_d2 = (d[:, 0] / d[:, 1]).tolist()
     triples = memdiff.to_uint8(torch.stack([samples, reference[idx[:, 0]], reference[idx[:, 1]]], 1))
-    B, _, C, H, W = triples.shape                           # [B, 3, C, H, W]
-    scale = scale or max(1, 64 // H)                        # tiny images are enlarged to be seen
-    side, frame, text = H * scale, 3, 12                    # pixels: image, frame, caption row
-    cell_w, cell_h = 3 * (side + 2 * frame) + 8, side + 2 * frame + text
-    grid = PIL.Image.new('RGB', (columns * cell_w, -(-B // columns) * cell_h), 'white')
+    scale = scale or max(1, 64 // triples.shape[-1])        # tiny images are enlarged to be seen
+    triples = triples.repeat_interleave(scale, 3).repeat_interleave(scale, 4)  # [B, 3, C, H, W]
+    tile = triples.shape[-1] + 2 * 3                        # an image in a 3-pixel frame; 8 pixels
+    width, height = 3 * tile + 8, tile + 12                 # between triples, 12 for the caption
+    grid = PIL.Image.new('RGB', (columns * width, -(-len(triples) // columns) * height), 'white')
     draw = PIL.ImageDraw.Draw(grid)
-    for b in range(B):
-        x0, y0 = b % columns * cell_w, b // columns * cell_h
-        red = d1_d2[b] < mem_threshold
-        for k in range(3):
-            tile = triples[b, k].permute(1, 2, 0).numpy()
-            tile = PIL.Image.fromarray(tile[:, :, 0] if C == 1 else tile).convert('RGB')
-            x = x0 + k * (side + 2 * frame)
-            draw.rectangle([x, y0, x + side + 2 * frame - 1, y0 + side + 2 * frame - 1],
-                           fill=(220, 30, 30) if k == 0 and red else (200, 200, 200))
-            grid.paste(tile.resize((W * scale, side), PIL.Image.NEAREST), (x + frame, y0 + frame))
-        draw.text((x0 + 2, y0 + side + 2 * frame), f'{d1_d2[b]:.2f}',
-                  fill=(220, 30, 30) if red else (0, 0, 0))
+    for b, (triple, d1_d2) in enumerate(zip(triples, (d[:, 0] / d[:, 1]).tolist())):
+        x, y, red = b % columns * width, b // columns * height, d1_d2 < mem_threshold
+        for k, image in enumerate(triple.permute(0, 2, 3, 1).squeeze(-1).numpy()):
+            frame = (220, 30, 30) if k == 0 and red else (200, 200, 200)
+            image = PIL.Image.fromarray(image).convert('RGB')
+            grid.paste(PIL.ImageOps.expand(image, 3, frame), (x + k * tile, y))
+        draw.text((x + 2, y + tile), f'{d1_d2:.2f}', fill=(220, 30, 30) if red else (0, 0, 0))
     return grid
 
 def plot_memorization(path, record, threshold, trained=True):
-    """The ratio against |D| (Wilson band, threshold, EMM); for trained networks also against the
-    step and step / |D| (tau_mem marked), and the optimum share and held-out gap against step / |D|."""
+    """memorization.png: ratio against |D|; trained, against step and step / |D|, share and gap."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     points = sorted(record['points'], key=lambda p: p['size'])
-    fig, axes = plt.subplots(1, 4 if trained else 1, figsize=(18 if trained else 5, 4), dpi=110,
-                             squeeze=False)
-    ax, axes = axes[0][0], axes[0]
     sizes = [p['size'] for p in points]
-    ax.fill_between(sizes, [p['ci'][0] for p in points], [p['ci'][1] for p in points], alpha=0.25,
-                    label='95% Wilson interval')
-    ax.plot(sizes, [p['ratio'] for p in points], 'o-', label='best snapshot')
+    fig, (axes,) = plt.subplots(1, 4 if trained else 1, figsize=(18 if trained else 5, 4), dpi=110,
+                                squeeze=False)
+    axes[0].fill_between(sizes, [p['ci'][0] for p in points], [p['ci'][1] for p in points],
+                         alpha=0.25, label='95% Wilson interval')
+    axes[0].plot(sizes, [p['ratio'] for p in points], 'o-', label='best snapshot')
     if record.get('emm') is not None:
-        ax.axvline(record['emm'], color='C3', ls=':', label=f"EMM = {record['emm']}")
-    ax.set(xscale='log', xlabel='training-set size |D|', ylabel='memorization ratio',
-           title='ratio against |D|')
-    ax.set_xticks(sizes, [str(n) for n in sizes], minor=False)
+        axes[0].axvline(record['emm'], color='C3', ls=':', label=f"EMM = {record['emm']}")
     for k, p in enumerate(points if trained else []):
         snaps = sorted(p['snapshots'], key=lambda s: s['step'])
-        steps, style = [s['step'] for s in snaps], dict(color=f'C{k % 10}', ms=3)
+        style = dict(color=f'C{k % 10}', ms=3)
         for ax, scale in ((axes[1], 1), (axes[2], p['size'])):
-            ax.plot([s / scale for s in steps], [s['ratio'] for s in snaps], 'o-',
+            ax.plot([s['step'] / scale for s in snaps], [s['ratio'] for s in snaps], 'o-',
                     label=f"|D| = {p['size']}", **style)
             if p.get('tau_mem'):
                 ax.plot(p['tau_mem'] / scale, threshold, 'x', color=style['color'], ms=8)
         for key, line, label in (('share', 'o-', f"|D| = {p['size']}"), ('gap', 's--', None)):
             pts = [(s['step'] / p['size'], s[key]) for s in snaps if s.get(key) is not None]
             axes[3].plot([x for x, _ in pts], [v for _, v in pts], line, label=label, **style)
-    for ax, x, title in zip(axes[1:], ['training step'] + ['training step / |D|'] * 2,
-                            ['ratio against step (x: tau_mem)', 'ratio against step / |D|',
-                             'optimum share (o-), held-out gap (s--)']):
+    xlabels = ['training-set size |D|', 'training step'] + ['training step / |D|'] * 2
+    titles = ['ratio against |D|', 'ratio against step (x: tau_mem)', 'ratio against step / |D|',
+              'optimum share (o-), held-out gap (s--)']
+    for k, (ax, x, title) in enumerate(zip(axes, xlabels, titles)):
         ax.set(xscale='log', xlabel=x, title=title)
-    for ax in axes:
-        ax.axhline(0.5 if ax is axes[-1] and trained else threshold, color='k', ls='--', lw=0.8)
+        ax.axhline(0.5 if k == 3 else threshold, color='k', ls='--', lw=0.8)
         ax.legend(fontsize=7)
+    axes[0].set(ylabel='memorization ratio')
+    axes[0].set_xticks(sizes, [str(n) for n in sizes], minor=False)   # after the log scale
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format='png'))
+    atomic_write(path, lambda f: fig.savefig(f, format='png'))
     plt.close(fig)
 
 def write_sweep(base, factor, records):
@@ -694,11 +638,11 @@ def write_sweep(base, factor, records):
         rows.append([value, '-' if r['emm'] is None else str(r['emm']),
                      '-' if r['crossing'] is None else f"{r['crossing']:.0f}"]
                     + [f'{at[n]:.3f}' if n in at else '' for n in sizes])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    widths = [max(map(len, column)) for column in zip(*rows)]
     click.echo('\n' + '\n'.join('  '.join(c.rjust(w) for c, w in zip(row, widths)) for row in rows))
-    Path(base).mkdir(parents=True, exist_ok=True)
-    atomic_write(f'{base}/sweep-{factor}.csv', '\n'.join(','.join(r) for r in rows) + '\n')
-    atomic_write(f'{base}/sweep-{factor}.json', json.dumps([dict(
+    base = folder(Path(base))
+    atomic_write(base / f'sweep-{factor}.csv', '\n'.join(','.join(r) for r in rows) + '\n')
+    atomic_write(base / f'sweep-{factor}.json', json.dumps([dict(
         value=v, emm=r['emm'], crossing=r['crossing'],
         points=[{k: p[k] for k in ('size', 'ratio', 'ci')} for p in r['points']])
         for v, r in records], indent=1))
