@@ -1276,6 +1276,13 @@ def test_dry_run_explicit_options_override_the_preset():
     assert (config['train']['snapshots'], config['train']['snapshot_spacing']) == (4, 'log')
 
 
+def test_steps_is_train_steps_and_replaces_the_presets_epochs():
+    """--steps N is --train-steps N: the same configuration, the preset's epochs dropped by both."""
+    configs = [dry_config(invoke('--dry-run', '--preset', 'paper', flag, '50').output)
+               for flag in ('--steps', '--train-steps')]
+    assert configs[0] == configs[1]
+    assert (configs[0]['train']['train_steps'], configs[0]['train']['epochs']) == (50, None)
+
 def test_sweep_writes_table_files_and_reuses_records(tmp_path, count_measures):
     """A sweep writes sweep-<option>.csv/.json and a folder per value; a rerun measures nothing."""
     out = tmp_path / 'sweep'

@@ -46,3 +46,28 @@ def test_without_the_data_beside_the_module_the_installed_folder_is_read(tmp_pat
     monkeypatch.setattr(memdiff, 'DATA_DIRS', (tmp_path / 'nowhere',))
     with pytest.raises(ValueError, match='missing from the installation'):
         memdiff.load_dataset('digits')
+
+
+@pytest.mark.slow
+def test_pip_install_then_run_emm_measures_a_size_from_the_installed_digits(tmp_path):
+    """`pip install .` into a fresh environment, then `run-emm --sizes 16 --steps 50 --samples 50`
+    run away from the checkout: the installed command finds the installed digits and exits 0."""
+    src = tmp_path / 'src'                                  # a copy: the build writes build/ there
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns('.git', 'runs', 'build', '*.egg-info',
+                                                             '.hypothesis', '__pycache__'))
+    env = tmp_path / 'venv'                                 # torch, pip and setuptools from here
+    subprocess.run([sys.executable, '-m', 'venv', '--system-site-packages', '--without-pip',
+                    str(env)], check=True)
+    bin = env / ('Scripts' if sys.platform == 'win32' else 'bin')
+    r = subprocess.run([str(bin / 'python'), '-m', 'pip', 'install', '--no-deps',
+                        '--no-build-isolation', '-q', str(src)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([str(bin / 'run-emm'), '--sizes', '16', '--steps', '50', '--samples', '50',
+                        '--outdir', str(tmp_path / 'x')], capture_output=True, text=True,
+                       timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (tmp_path / 'x' / 'n16.json').is_file() and 'EMM at 90%' in r.stdout
+    where = subprocess.run([str(bin / 'python'), '-c', 'import memdiff; print(memdiff.__file__)'],
+                           capture_output=True, text=True, cwd=tmp_path).stdout
+    assert Path(where.strip()).is_relative_to(env)          # the installed copy, not the checkout
