@@ -4,6 +4,7 @@ down-sampling and labels, the 8-bit grid, and --export of the study's files."""
 import functools
 import io
 import json
+import os
 import random
 import re
 import zipfile
@@ -756,6 +757,40 @@ def test_an_npz_declaring_an_enormous_array_is_refused_from_its_header(tmp_path)
     assert str(path) in str(outcome) and '1000000, 3, 1024, 1024' in str(outcome)
     assert mib < 100 and seconds < 1.0, (mib, seconds)
 
+
+def test_an_npz_declaring_more_float64_values_than_it_holds_is_refused_from_its_header(tmp_path):
+    """The header's shape times the item size (8 bytes for float64) is what the member must hold:
+    100 images declared over the bytes of 10 are refused as a declaration, before any read."""
+    data = io.BytesIO()
+    np.save(data, np.zeros((10, 1, 8, 8)))
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, dict(descr='<f8', fortran_order=False,
+                                                      shape=(100, 1, 8, 8)))
+    path = tmp_path / 'short.npz'
+    with zipfile.ZipFile(path, 'w') as z:
+        z.writestr('images.npy', header.getvalue() + data.getvalue()[len(header.getvalue()):])
+    with pytest.raises(ValueError, match=r'declares \(100, 1, 8, 8\) of float64'):
+        memdiff.load_dataset(path)
+
+
+@pytest.mark.parametrize('count', [0, 1])
+def test_a_data_set_of_one_image_loads_and_of_none_is_refused(tmp_path, count):
+    """N = 1 is a data set; N = 0 is one line naming the shape, for uint8 and float images alike."""
+    for dtype in (np.uint8, np.float32):
+        _write_npz(tmp_path / 'one.npz', images=np.zeros((count, 1, 4, 4), dtype))
+        if count:
+            assert memdiff.load_dataset(tmp_path / 'one.npz')[0].shape == (1, 1, 4, 4)
+        else:
+            with pytest.raises(ValueError, match=r'with N > 0, got shape \(0, 1, 4, 4\)'):
+                memdiff.load_dataset(tmp_path / 'one.npz')
+
+
+def test_without_proc_meminfo_the_free_memory_is_the_physical_memory(monkeypatch):
+    """Where /proc/meminfo cannot be read (not Linux), the memory left is page size x pages."""
+    def no_meminfo(*args, **kwargs):
+        raise OSError('no /proc/meminfo here')
+    monkeypatch.setattr(memdiff, 'open', no_meminfo, raising=False)
+    assert memdiff._free_memory() == os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
 
 def test_a_data_set_larger_than_free_memory_is_refused_naming_the_sizes(tmp_path, monkeypatch):
     """When the float32 copy a file declares needs more than the machine has free, the file is

@@ -283,3 +283,19 @@ def test_a_trained_networks_probe_records_every_level_and_stays_between_the_clos
         assert 0 <= s['share'] <= 1 and s['gap'] == s['loss_held'] - s['loss_train']
         assert len(s['probe']['sigma']) == memdiff.PROBE_SIGMAS
         assert s["probe"]["sigma"][0] == pytest.approx(0.002) and s["probe"]["sigma"][-1] == pytest.approx(80)
+
+
+def test_measure_probes_the_network_against_the_optimum_then_the_gaussian_of_its_training_set(
+        monkeypatch):
+    """The path from measure() to probe(): the EMA network, then D* and D_G of the same training
+    set, in that order (swapped, every share would read 1 - share)."""
+    calls = []
+    monkeypatch.setattr(memdiff, 'probe', lambda *args: calls.append(args) or {})
+    cfg = memdiff.EMMConfig(model_channels=8, samples=2,
+                            train=memdiff.TrainConfig(train_steps=1, batch=4, snapshots=1))
+    [(snapshot, _, _)] = list(memdiff.measure(*DIGITS, 16, cfg))
+    (net, _, optimum, gaussian), = calls
+    y = memdiff.training_set(*DIGITS, 16, cfg)[0]
+    assert isinstance(net, memdiff.Precond)
+    assert isinstance(optimum, memdiff.OptimalDenoiser) and isinstance(gaussian, memdiff.GaussianDenoiser)
+    assert torch.equal(optimum.y, y.double().flatten(1)) and torch.equal(gaussian.y, y.double().flatten(1))
