@@ -242,7 +242,7 @@ def downsample(images, resolution):
     out = out if out.dtype == np.uint8 else out.clip(-1, 1)
     return torch.from_numpy(out) if isinstance(images, torch.Tensor) else out
 
-def read_dataset(spec):
+def _read_pixels(spec):
     """The pixels of a data set as stored -> (uint8 or float32 array [N, C, H, W], labels [N] or None)."""
     if str(spec) == 'digits':
         return _load_digits()
@@ -259,8 +259,10 @@ def read_dataset(spec):
         return _load_png_zip(path)
     _fail(spec, 'unknown data format (expected .npz, .tar.gz, a folder or .zip)')
 
-def prepare_dataset(images, labels, resolution=None, classes=None, spec='data'):
-    """The first C classes, down-sampled as the study -> (float32 [N, C, H, W] in [-1, 1], labels)."""
+def load_dataset(spec, resolution=None, classes=None):
+    """A data set by name or path, its first C classes, down-sampled as the study -> (images float32
+    [N, C, H, W] in [-1, 1], labels int64 [N] or None)."""
+    images, labels = _read_pixels(spec)
     if classes is not None:                                 # classes 0..C-1 [dataset_diversity.py]
         if labels is None or not 1 <= classes <= int(labels.max()) + 1:
             _fail(spec, f'classes={classes}, but the data set has '
@@ -276,10 +278,6 @@ def prepare_dataset(images, labels, resolution=None, classes=None, spec='data'):
     if images.dtype == torch.uint8:
         images = images.float() / 127.5 - 1                 # u/127.5 - 1 [training/training_loop.py]
     return images.contiguous(), labels
-
-def load_dataset(spec, resolution=None, classes=None):
-    """Load a data set by name or path -> (images float32 [N, C, H, W] in [-1, 1], labels [N] or None)."""
-    return prepare_dataset(*read_dataset(spec), resolution, classes, spec)
 
 def _class_shares(labels, n):
     """(classes present [C], images taken from each [C]) of the study's first-k rule for size n."""
