@@ -773,6 +773,17 @@ def test_an_npz_declaring_more_float64_values_than_it_holds_is_refused_from_its_
         memdiff.load_dataset(path)
 
 
+def test_png_images_of_exactly_max_pixels_load(tmp_path, monkeypatch):
+    """MAX_PIXELS is the largest size read: an image of exactly that many pixels loads."""
+    monkeypatch.setattr(memdiff, 'MAX_PIXELS', 64)
+    zip_of_pngs(tmp_path / 'set.zip', [blank_png(8, 8)] * 2)
+    assert memdiff.load_dataset(tmp_path / 'set.zip')[0].shape == (2, 1, 8, 8)
+
+
+def test_held_out_of_an_unlabelled_set_is_its_last_images():
+    """Without labels the images left out of the first n are n..N-1; held_out takes the last count."""
+    assert memdiff.held_out(100, 10, 5).tolist() == [95, 96, 97, 98, 99]
+
 @pytest.mark.parametrize('count', [0, 1])
 def test_a_data_set_of_one_image_loads_and_of_none_is_refused(tmp_path, count):
     """N = 1 is a data set; N = 0 is one line naming the shape, for uint8 and float images alike."""

@@ -288,6 +288,17 @@ def test_loss_is_weighted_squared_error_per_sample(kind, seed):
     torch.testing.assert_close(loss.double(), expected.flatten(1).sum(1), rtol=1e-4, atol=1e-6)
 
 
+@given(kind=KINDS, seed=SEEDS)
+def test_loss_adds_sigma_times_the_generators_next_normal_draw(kind, seed):
+    """The denoiser sees y + sigma * eps, eps the generator's normal draw after the sigma draw."""
+    y = torch.rand(4, 1, 4, 4, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    calls = []
+    memdiff.LOSSES[kind](recording_denoiser(calls), y, generator=torch.Generator().manual_seed(seed))
+    (x, sigma, _), = calls
+    g = torch.Generator().manual_seed(seed)
+    (torch.randn if kind == 'edm' else torch.rand)([4, 1, 1, 1], generator=g)  # the sigma draw
+    torch.testing.assert_close(x, y + sigma * torch.randn(y.shape, generator=g))
+
 @pytest.mark.parametrize('kind', ['edm', 'vp', 've'])
 def test_loss_draws_noise_levels_from_the_documented_distribution(kind):
     """The noise n = x - y has variance sigma^2 and sigma follows the loss's own distribution."""
@@ -331,6 +342,13 @@ def test_loss_of_the_optimum_of_one_image_is_zero(kind, seed):
 
 #----------------------------------------------------------------------------
 # NCSN++'s residual input path and class labels given as indices.
+
+@pytest.mark.parametrize('arch', ['ddpmpp', 'ncsnpp'])
+def test_state_dict_holds_the_parameters_and_the_frequencies_only(arch):
+    """The FIR filters are fixed by the taps, so they are no state: a network file holds the
+    parameters and the embedding's frequencies (random for Fourier), nothing else."""
+    net = tiny_unet(arch=arch)
+    assert set(net.state_dict()) == {name for name, _ in net.named_parameters()} | {'freqs'}
 
 def test_ncsnpp_aux_path_is_edm_fused_down_conv():
     """The aux conv equals EDM's fused down conv: pad 2, conv, [1,3,3,1] FIR stride 2, bias last."""

@@ -153,6 +153,14 @@ def test_sigma_density_integrates_to_one_over_log_sigma(kind):
     assert torch.trapezoid(p, s.log()).item() == pytest.approx(1.0, abs=1e-4)
 
 
+def test_vp_sigma_density_integrates_to_one_for_any_epsilon_t():
+    """With epsilon_t = 0.3 (not the default 1e-5), p(ln sigma) of the VP loss still integrates to
+    1 over [sigma(epsilon_t), sigma(1)]: the 1 / (1 - epsilon_t) of t ~ U(epsilon_t, 1) is in it."""
+    precond = memdiff.Precond(torch.nn.Identity(), 'vp', epsilon_t=0.3)
+    s = torch.logspace(math.log10(precond.sigma_min), math.log10(precond.sigma_max), 100_001,
+                       dtype=torch.float64)
+    assert torch.trapezoid(memdiff.sigma_density(precond, s), s.log()).item() == pytest.approx(1.0, abs=1e-4)
+
 @given(u=st.floats(0.01, 0.99), kind=KINDS)
 def test_sigma_density_is_the_losses_own_draw(u, kind):
     """The cumulative of p(ln sigma) at the sigma a loss draws from a quantile u equals u."""
