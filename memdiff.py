@@ -1182,10 +1182,10 @@ def score(samples, y, mem_threshold=1/3):
     d, index = (_gather_rows(t, B) for t in nearest_distinct(x, y))
     k = int((d[:, 0] / d[:, 1] < mem_threshold).sum())
     out = dict(ratio=k / B, ci=list(wilson_interval(k, B)))
-    if duplicates(y):                                       # the study's rule: no deduplication
+    if count := duplicates(y):                              # the study's rule: no deduplication
         d_study = _gather_rows(nearest_neighbors(x, y, k=2)[0], B)
         out.update(ratio_study=int((d_study[:, 0] / d_study[:, 1] < mem_threshold).sum()) / B,
-                   duplicates=duplicates(y))
+                   duplicates=count)
     return out, dict(d1=d[:, 0], d2=d[:, 1], index=index)
 
 # Probes: which closed form does the network follow [5, 6]? At every snapshot the EMA network, D*
@@ -1383,9 +1383,10 @@ def tau_law(points, samples, threshold=0.9, replicates=1000, generator=None):
         onsets = [(p['size'], tau) for p in points if (tau := _onset(p['snapshots'], threshold))]
         return fit_power_law(*zip(*onsets)) if len({n for n, _ in onsets}) >= 2 else None
     kept = [p for p in points if _onset(p['snapshots'], threshold)]
-    if law(kept) is None:
+    fit = law(kept)
+    if fit is None:
         return None
-    a, b = law(kept)
+    a, b = fit
     replicas = [[] for _ in range(replicates)]              # the points of each replicate
     for p in kept:
         ratio = torch.tensor([s['ratio'] for s in p['snapshots']], dtype=torch.float64)

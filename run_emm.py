@@ -323,8 +323,8 @@ Examples:
         'mode2:H (half-life H epochs), mode3, mode4:BETA, fixed:BETA.', type=Pattern(
             rf'mode[12]:{NUMBER}|mode3|(mode4|fixed):{BETA}', 'mode1:H, mode2:H, mode3, mode4:BETA '
             'or fixed:BETA (H in epochs, BETA in [0, 1])'))
-@option('Training', '--train-steps', '--steps', 'train_steps', metavar='INT', type=click.IntRange(min=1), default=1500,
-        help='Training steps per size (unless --epochs).')
+@option('Training', '--train-steps', '--steps', 'train_steps', metavar='INT', default=1500,
+        type=click.IntRange(min=1), help='Training steps per size (unless --epochs).')
 @option('Training', '--epochs', metavar='FLOAT', type=click.FloatRange(0, min_open=True),
         help='Training length in passes over |D| instead.')
 @option('Training', '--snapshots', metavar='N[:log]', default='3', type=Pattern(
