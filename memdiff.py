@@ -1,33 +1,24 @@
 """memdiff: a single-file reference implementation of "On Memorization in Diffusion Models".
 
-In the order of the science:
-  1. data          the study's training sets (first |D|/C images of each class, its label draws,
-                   LANCZOS on uint8) from the digits, .npz, CIFAR-10 or EDM's PNG zips
-  2. network       the DDPM++ / NCSN++ U-Net of the study, parameter for parameter [2, 3]
-  3-4. precond     EDM, VP and VE: D(x; sigma) = c_skip x + c_out F(c_in x; c_noise), and losses [2]
-  5. sampler       EDM's Heun sampler (Algorithm 2 of [2]) for any denoiser
-  6. closed forms  the optimal denoiser D* [1, eq. 4] and the Gaussian denoiser D_G [5, 6]
-  7. metric        nearest neighbours, the memorization ratio, its Wilson interval [1, sec. 3]
-  8. training      the study's loop: Adam/SGD, lr ramp-up, its EMA modes, data order, snapshots
-  9. measurement   one size's memorization, probes against the closed forms, tau_mem [7], EMM [1, eq. 5]
-  Appendix         the study's network-snapshot-*.pkl, read without running code from it
+Sections, in the order of the science: 1 data (the study's training sets), 2 the DDPM++ / NCSN++
+U-Net, 3-4 EDM, VP and VE preconditioning and losses, 5 EDM's Heun sampler, 6 the closed forms D*
+and D_G, 7 the memorization metric, 8 the study's training loop, 9 one size's memorization, tau_mem
+and the EMM search; an appendix reads the study's network snapshots without running code from them.
 Not here: the run around the science (options, records, locks, resume, pictures, sweeps, process
 group: run_emm.py), the study's unused augmentation pipeline, FID, and any download.
 
 References:
-  [1] X. Gu, C. Du, T. Pang, C. Li, M. Lin, Y. Wang. On Memorization in Diffusion Models.
-      TMLR 2025, arXiv:2310.02664. Code: github.com/sail-sg/DiffMemorize.
-  [2] T. Karras, M. Aittala, T. Aila, S. Laine. Elucidating the Design Space of Diffusion-Based
-      Generative Models. NeurIPS 2022, arXiv:2206.00364. Code: github.com/NVlabs/edm.
-  [3] Y. Song, J. Sohl-Dickstein, D. Kingma, A. Kumar, S. Ermon, B. Poole. Score-Based Generative
-      Modeling through Stochastic Differential Equations. ICLR 2021 (DDPM++ and NCSN++).
+  [1] X. Gu et al. On Memorization in Diffusion Models. TMLR 2025 (github.com/sail-sg/DiffMemorize).
+  [2] T. Karras et al. Elucidating the Design Space of Diffusion-Based Generative Models. NeurIPS 2022
+      (github.com/NVlabs/edm).
+  [3] Y. Song et al. Score-Based Generative Modeling through SDEs. ICLR 2021 (DDPM++, NCSN++).
   [4] E. B. Wilson. Probable inference, the law of succession, and statistical inference. JASA 1927.
   [5] X. Li, Y. Dai, Q. Qu. Understanding Generalizability of Diffusion Models Requires Rethinking
       the Hidden Gaussian Structure. NeurIPS 2024.
   [6] B. Wang, J. Vastola. The Unreasonable Effectiveness of Gaussian Score Approximation for
       Diffusion Models and its Applications. TMLR 2024.
-  [7] T. Bonnaire, R. Urfin, G. Biroli, M. Mezard. Why Diffusion Models Don't Memorize: The Role of
-      Implicit Dynamical Regularization in Training. NeurIPS 2025.
+  [7] T. Bonnaire et al. Why Diffusion Models Don't Memorize: The Role of Implicit Dynamical
+      Regularization in Training. NeurIPS 2025.
 """
 
 import collections
