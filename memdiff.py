@@ -380,8 +380,7 @@ class Resample(nn.Module):
 
 class DownConv(nn.Conv2d):
     """EDM's fused down-sampling 3x3 conv (NCSN++'s residual input path): [B,Cin,H,W] -> [B,Cout,H/2,W/2]."""
-    # Convolve with padding 1 + (taps - 1)//2 (no bias), filter with stride 2 and no padding, add
-    # the bias last: conv-then-Resample would pad twice with zeros and differ at the borders.
+    # Conv padded by 1 + (taps-1)//2, stride-2 filter, bias last: conv-then-Resample pads twice.
     def __init__(self, cin, cout, taps=(1, 3, 3, 1)):
         super().__init__(cin, cout, 3, padding=1 + (len(taps) - 1) // 2)
         self.down = Resample('down', taps, pad=0)           # no parameters, no state_dict entries
@@ -395,6 +394,7 @@ class Block(nn.Module):
     def __init__(self, cin, cout, emb_channels, up=False, down=False, attention=False, dropout=0.0,
                  taps=(1, 1)):
         super().__init__()
+        self.in_channels, self.attention = cin, attention
         self.resample = Resample('up' if up else 'down', taps) if up or down else nn.Identity()
         self.norm0 = _group_norm(cin)
         self.conv0 = _init(nn.Conv2d(cin, cout, 3, padding=1))
@@ -403,20 +403,16 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv1 = _init(nn.Conv2d(cout, cout, 3, padding=1), 1e-5)  # block starts near identity
         self.skip = _init(nn.Conv2d(cin, cout, 1)) if cin != cout or up or down else None
-        self.attention = attention
         if attention:
             self.norm2 = _group_norm(cout)
             self.qkv = _init(nn.Conv2d(cout, cout * 3, 1), math.sqrt(0.2))
             self.proj = _init(nn.Conv2d(cout, cout, 1), 1e-5)
-        self.in_channels = cin
 
     def forward(self, x, emb):
-        orig = x
-        x = self.conv0(self.resample(F.silu(self.norm0(x))))
-        x = x + self.affine(emb)[:, :, None, None]          # embedding broadcast over pixels
-        x = self.conv1(self.dropout(F.silu(self.norm1(x))))
-        skip = self.skip(self.resample(orig)) if self.skip is not None else orig
-        x = (x + skip) * math.sqrt(0.5)
+        h = self.conv0(self.resample(F.silu(self.norm0(x))))
+        h = h + self.affine(emb)[:, :, None, None]          # embedding broadcast over pixels
+        h = self.conv1(self.dropout(F.silu(self.norm1(h))))
+        x = (h + (self.skip(self.resample(x)) if self.skip is not None else x)) * math.sqrt(0.5)
         if self.attention:                                  # one head, softmax over keys
             B, C, H, W = x.shape
             q, k, v = self.qkv(self.norm2(x)).reshape(B, 3, C, H * W).transpose(2, 3).unbind(1)
@@ -457,23 +453,19 @@ class UNet(nn.Module):
         block = dict(emb_channels=emb_channels, dropout=dropout, taps=taps)
 
         # Mapping: c_noise (and label) -> embedding e.
-        if embedding == 'fourier':                          # fixed random frequencies ~ N(0, 16^2)
-            self.register_buffer('freqs', torch.randn(noise_channels // 2) * 16)
-        else:                                               # (1/10000)^(k/(K-1)), k = 0..K-1
-            K = noise_channels // 2
-            self.register_buffer('freqs', (1 / 10000) ** (torch.arange(K) / (K - 1)))
+        K = noise_channels // 2
+        self.register_buffer('freqs', torch.randn(K) * 16 if embedding == 'fourier'  # ~ N(0, 16^2), fixed
+                             else (1 / 10000) ** (torch.arange(K) / (K - 1)))  # k = 0..K-1
         self.map_label = _init(nn.Linear(label_dim, noise_channels)) if label_dim else None
         self.map_layer0 = _init(nn.Linear(noise_channels, emb_channels))
         self.map_layer1 = _init(nn.Linear(emb_channels, emb_channels))
 
         # Encoder: every output (first conv, each down block, each block) is pushed as a skip.
-        self.enc = nn.ModuleDict()
-        self.aux = nn.ModuleDict()                          # NCSN++'s residual input path
-        cout, caux, skip_channels = in_channels, in_channels, []
+        self.enc, self.aux = nn.ModuleDict(), nn.ModuleDict()  # aux: NCSN++'s residual input path
+        cout, caux, skip_channels = model_channels, in_channels, []
         for level, mult in enumerate(channel_mult):
             res = img_resolution >> level
             if level == 0:
-                cout = model_channels
                 self.enc[f'{res}_conv'] = _init(nn.Conv2d(in_channels, cout, 3, padding=1))
             else:
                 self.enc[f'{res}_down'] = Block(cout, cout, down=True, **block)
@@ -483,8 +475,7 @@ class UNet(nn.Module):
             skip_channels.append(cout)
             for i in range(num_blocks):
                 cin, cout = cout, model_channels * mult
-                self.enc[f'{res}_block{i}'] = Block(cin, cout, attention=res in attn_resolutions,
-                                                    **block)
+                self.enc[f'{res}_block{i}'] = Block(cin, cout, attention=res in attn_resolutions, **block)
                 skip_channels.append(cout)
 
         # Decoder: the lowest level opens with two blocks (attention in the first), the others with
@@ -511,8 +502,7 @@ class UNet(nn.Module):
             return b.expand(batch, -1)
         if class_labels.is_floating_point():
             return self.map_label(class_labels.to(W.dtype) * math.sqrt(self.label_dim))
-        # Class indices: the product with a one-hot row is a column of W, so gather the columns
-        # instead of building a [B, L] one-hot (L = |D| = 50,000 with the study's unique labels).
+        # Class indices: gather columns of W, not a [B, L] one-hot (L = |D| = 50,000 unique labels).
         labels = class_labels.reshape(-1).long()
         if len(labels) and (labels.min() < 0 or labels.max() >= self.label_dim):
             raise ValueError(f'class indices must lie in [0, {self.label_dim}), got '
@@ -523,8 +513,7 @@ class UNet(nn.Module):
         # Mapping: [cos, sin] of c_noise * frequencies, halves swapped (sin first), + label, 2-layer MLP.
         c = noise_labels.to(torch.float32).reshape(-1)
         c = c.expand(x.shape[0]) if c.numel() == 1 else c
-        f = 2 * math.pi * self.freqs if self.embedding == 'fourier' else self.freqs
-        arg = c.outer(f)                                    # [B, K]
+        arg = c.outer(2 * math.pi * self.freqs if self.embedding == 'fourier' else self.freqs)  # [B, K]
         emb = torch.cat([arg.sin(), arg.cos()], dim=1)      # [B, noise_channels]
         if self.map_label is not None:
             emb = emb + self.label_embedding(class_labels, x.shape[0]).to(emb.dtype)
