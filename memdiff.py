@@ -537,8 +537,7 @@ class UNet(nn.Module):
 
 #----------------------------------------------------------------------------
 # 3. Preconditioning [2, Table 1]: D(x; sigma) = c_skip x + c_out F(c_in x; c_noise), with the network
-# boundary in float32. Class labels enter as one-hot rows or as class indices (the network then
-# gathers columns of its label layer, no one-hot is built).
+# boundary in float32. Class labels enter as one-hot rows or as class indices (UNet.label_embedding).
 
 # Table 1's constants, one source each: every default below, and the losses' weights, read them.
 SIGMA_DATA = 0.5                                # EDM: standard deviation of the data
@@ -547,7 +546,7 @@ VE_SIGMA_MIN, VE_SIGMA_MAX = 0.02, 100.0        # VE: the noise levels it is tra
 
 def vp_sigma(t, beta_d=BETA_D, beta_min=BETA_MIN):
     """VP noise level sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
-    t = t if torch.is_tensor(t) else torch.as_tensor(t)
+    t = torch.as_tensor(t)
     return ((0.5 * beta_d * t ** 2 + beta_min * t).exp() - 1).sqrt()
 
 def vp_sigma_inv(sigma, beta_d=BETA_D, beta_min=BETA_MIN):
@@ -567,23 +566,20 @@ class Precond(nn.Module):
         self.net, self.kind, self.sigma_data = net, kind, sigma_data
         self.beta_d, self.beta_min, self.M, self.epsilon_t = beta_d, beta_min, M, epsilon_t
         self.label_dim = getattr(net, 'label_dim', 0)
-        # The noise levels the network supports, EDM's sigma_min and sigma_max: VE its training
-        # range, VP [sigma(epsilon_t), sigma(1)], EDM [0, inf]. The sampler stays inside them.
-        if kind == 'vp':                                    # in float32, as EDM computes them
-            default = tuple(float(vp_sigma(torch.tensor(t, device='cpu'), beta_d, beta_min))
-                            for t in (epsilon_t, 1.0))
-        else:
-            default = (VE_SIGMA_MIN, VE_SIGMA_MAX) if kind == 've' else (0.0, math.inf)
+        # The noise levels the network supports (EDM's sigma_min, sigma_max), which the sampler keeps
+        # to: VE its training range, VP [sigma(eps_t), sigma(1)] in float32 as EDM, EDM [0, inf].
+        default = (VE_SIGMA_MIN, VE_SIGMA_MAX) if kind == 've' else (0.0, math.inf)
+        if kind == 'vp':
+            default = [float(vp_sigma(torch.tensor(t, device='cpu'), beta_d, beta_min))
+                       for t in (epsilon_t, 1.0)]
         self.sigma_min = default[0] if sigma_min is None else float(sigma_min)
         self.sigma_max = default[1] if sigma_max is None else float(sigma_max)
 
     def loss_constants(self):
         """Keyword arguments of this preconditioning's loss: its sigma_data, beta or sigma range."""
-        if self.kind == 'edm':
-            return dict(sigma_data=self.sigma_data)
-        if self.kind == 'vp':
-            return dict(beta_d=self.beta_d, beta_min=self.beta_min, epsilon_t=self.epsilon_t)
-        return dict(sigma_min=self.sigma_min, sigma_max=self.sigma_max)
+        return dict(edm=dict(sigma_data=self.sigma_data),
+                    vp=dict(beta_d=self.beta_d, beta_min=self.beta_min, epsilon_t=self.epsilon_t),
+                    ve=dict(sigma_min=self.sigma_min, sigma_max=self.sigma_max))[self.kind]
 
     def coefficients(self, sigma):
         """(c_skip, c_out, c_in, c_noise) at noise level sigma (tensor) [2, Table 1]."""
@@ -595,14 +591,11 @@ class Precond(nn.Module):
             c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()      # 1 / sqrt(sigma^2 + sigma_d^2)
             c_noise = sigma.log() / 4                     # ln(sigma) / 4
         elif self.kind == 'vp':
-            c_skip = torch.ones_like(sigma)               # 1
-            c_out = -sigma                                # -sigma
+            c_skip, c_out = torch.ones_like(sigma), -sigma  # 1, -sigma
             c_in = 1 / (sigma ** 2 + 1).sqrt()            # 1 / sqrt(sigma^2 + 1)
             c_noise = (self.M - 1) * vp_sigma_inv(sigma, self.beta_d, self.beta_min)  # (M-1) t(sigma)
         else:
-            c_skip = torch.ones_like(sigma)               # 1
-            c_out = sigma                                 # sigma
-            c_in = torch.ones_like(sigma)                 # 1
+            c_skip, c_out, c_in = torch.ones_like(sigma), sigma, torch.ones_like(sigma)  # 1, sigma, 1
             c_noise = (0.5 * sigma).log()                 # ln(sigma / 2)
         return c_skip, c_out, c_in, c_noise
 
