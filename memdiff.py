@@ -610,16 +610,14 @@ class Precond(nn.Module):
 
 #----------------------------------------------------------------------------
 # 4. Losses [2, Table 1], per sample: lambda(sigma) * ||D(y + n; sigma) - y||^2 summed over pixels,
-# n ~ N(0, sigma^2 I). Each draws its own sigma from the generator it is given; train() passes the
-# constants of the preconditioning it trains (Precond.loss_constants), so the two never disagree.
+# n ~ N(0, sigma^2 I); train() passes the trained Precond's loss_constants, so the two never disagree.
 
 def _randn(shape, like, generator):
     return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
 
 def _weighted_loss(denoise, y, sigma, weight, class_labels, generator):
     n = _randn(y.shape, y, generator) * sigma
-    D_yn = denoise(y + n, sigma, class_labels)
-    return (weight * (D_yn - y) ** 2).flatten(1).sum(1)    # [B]
+    return (weight * (denoise(y + n, sigma, class_labels) - y) ** 2).flatten(1).sum(1)  # [B]
 
 def edm_loss(denoise, y, class_labels=None, P_mean=-1.2, P_std=1.2, sigma_data=SIGMA_DATA,
              generator=None):
@@ -666,8 +664,7 @@ def edm_sigma_steps(num_steps=18, sigma_min=0.002, sigma_max=80, rho=7):
     return torch.cat([t_steps, torch.zeros(1, dtype=torch.float64)])
 
 def sigma_range(denoise, sigma_min=0.002, sigma_max=80):
-    """(sigma_min, sigma_max) clamped to the range the denoiser declares it supports (VE: [0.02, 100];
-    VP: [sigma(eps_t), sigma(1)]), as the study's sampler does; a plain callable declares none."""
+    """(sigma_min, sigma_max) clamped to the range the denoiser declares (Precond's), as the study does."""
     return (max(sigma_min, getattr(denoise, 'sigma_min', 0)),
             min(sigma_max, getattr(denoise, 'sigma_max', math.inf)))
 
@@ -686,8 +683,7 @@ def edm_sampler(denoise, latents, class_labels=None, num_steps=18, sigma_min=0.0
         t_hat = t_cur + gamma * t_cur
         x_hat = x_cur
         if gamma > 0:
-            eps = torch.randn(x_cur.shape, generator=generator, device=x_cur.device,
-                              dtype=torch.float64)
+            eps = _randn(x_cur.shape, x_cur, generator)     # x_cur is float64
             x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * eps
 
         # Euler [lines 7-8]: the slope dx/dt = (x - D(x; t)) / t at t_hat, followed to t_next.
