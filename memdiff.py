@@ -699,12 +699,10 @@ def edm_sampler(denoise, latents, class_labels=None, num_steps=18, sigma_min=0.0
     return x_next.to(latents.dtype)
 
 #----------------------------------------------------------------------------
-# 6. Closed-form denoisers of a training set {y_i}, called as Precond is, so each drops into
-# edm_sampler. The optimum D*(x; sigma) = sum_i softmax_i(-||x - y_i||^2 / 2 sigma^2) y_i [1, eq. 4]
-# minimises the denoising objective over all functions and can only reproduce training images; the
-# Gaussian denoiser [5, 6] minimises it over affine functions. A network that memorizes follows D*,
-# one that generalizes D_G. Conditional forms use the sample's class only; a class with no image
-# (random labels can leave one empty) gets the unconditional form.
+# 6. Closed-form denoisers of a training set {y_i}, called as Precond is (they drop into edm_sampler):
+# the optimum D*(x; sigma) = sum_i softmax_i(-||x - y_i||^2 / 2 sigma^2) y_i [1, eq. 4], which can only
+# reproduce training images, and the best affine denoiser D_G [5, 6]; a network that memorizes follows
+# D*, one that generalizes D_G. Conditional forms use the sample's class (all images if it has none).
 
 def _class_index(class_labels, labels, B):
     """Class of each sample [B] (-1 where no training image has it); None when unconditional."""
@@ -732,11 +730,9 @@ class OptimalDenoiser:
         B = x.shape[0]
         xf = x.reshape(B, -1).to(self.y.dtype)              # [B, d]
         sigma = torch.as_tensor(sigma, dtype=self.y.dtype, device=xf.device).reshape(-1)
-        # -||x - y||^2 / 2 sigma^2 = (x.y - ||y||^2/2) / sigma^2 + const(x); the constant cancels in
-        # the softmax. sigma = 0 is the nearest-neighbour limit: a tiny floor keeps every logit finite
-        # while still separating any two distinct distances.
-        inv_var = 1 / (sigma ** 2).clamp_min(torch.finfo(self.y.dtype).tiny ** 0.5)
-        inv_var = inv_var.expand(B)[:, None]                # [B, 1]
+        # -||x - y||^2 / 2 sigma^2 = (x.y - ||y||^2/2) / sigma^2 + const(x), which the softmax cancels.
+        # At sigma = 0 (nearest neighbour) a tiny floor keeps the logits finite and distinct.
+        inv_var = (1 / (sigma ** 2).clamp_min(torch.finfo(self.y.dtype).tiny ** 0.5)).expand(B)[:, None]
         c = _class_index(class_labels, self.labels, B)      # [B] or None; -1: no image
         # Online softmax over chunks of the set: memory O(B x chunk), never O(B x N).
         m = xf.new_full((B, 1), -math.inf)                  # running max of the logits
@@ -769,8 +765,7 @@ def _moments(y):
     return mu, U, torch.where(lam > lam.max().clamp_min(0) * len(lam) * 1e-12, lam, 0)
 
 class GaussianDenoiser:
-    """D_G(x [B,...], sigma [B] or float, labels) -> [B,...]: the best affine denoiser of a training set,
-    D_G(x; sigma) = mu + U diag(lam / (lam + sigma^2)) U^T (x - mu) [5, eq. 5], in float64."""
+    """D_G(x [B,...]; sigma) = mu + U diag(lam / (lam + sigma^2)) U^T (x - mu) [5, eq. 5], in float64."""
     def __init__(self, images, labels=None):
         self.shape = tuple(images.shape[1:])
         self.y = images.reshape(len(images), -1).double()   # [N, d]
@@ -797,9 +792,8 @@ class GaussianDenoiser:
 #----------------------------------------------------------------------------
 # 7. Memorization metric [1, sec. 3]: a sample x is memorized when ||x - NN_1|| < 1/3 ||x - NN_2||,
 # NN_1 and NN_2 its nearest and second-nearest training images (L2 over pixels); the ratio is the
-# fraction memorized, with a Wilson interval [4]. A copy of an image stored twice has d1 = d2, so
-# the study's mem_ratio.py does not count it; memdiff deduplicates the reference set first, and
-# score() reports the study's rule beside it.
+# fraction memorized, with a Wilson interval [4]. The study's mem_ratio.py misses a copy of an image
+# stored twice (d1 = d2): memdiff deduplicates the reference set, and score() reports both rules.
 
 def nearest_neighbors(samples, reference, k=2, chunk=4096):
     """k nearest references of each sample -> (L2 distances [B, k] ascending, indices [B, k])."""
@@ -819,8 +813,7 @@ def nearest_neighbors(samples, reference, k=2, chunk=4096):
             sq, pos = sq.topk(min(k, sq.shape[1]), dim=1, largest=False)
             i = i.gather(1, pos)
         best_sq, best_i = sq, i
-    # Recompute the k winners exactly: the expansion above loses the small distances to rounding,
-    # and an exact copy must have distance exactly 0.
+    # Recompute the k winners exactly: the expansion rounds small distances, and a copy must be at 0.
     dist = torch.linalg.vector_norm(x[:, None] - ref[best_i], dim=2)  # [B, k]
     dist, order = dist.sort(dim=1)
     return dist, best_i.gather(1, order)
