@@ -444,9 +444,8 @@ class UNet(nn.Module):
         # The constructor's arguments, enough to rebuild this network (save_network, load_network).
         self.config = {k: list(v) if isinstance(v, tuple) else v for k, v in locals().items()
                        if k not in ('self', '__class__', 'num_skips')}
-        self.label_dim, self.img_resolution = label_dim, img_resolution
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.arch, self.embedding, self.skips = arch, embedding, skips
+        self.label_dim, self.img_resolution, self.in_channels = label_dim, img_resolution, in_channels
+        self.out_channels, self.arch, self.embedding, self.skips = out_channels, arch, embedding, skips
         taps = (1, 1) if arch == 'ddpmpp' else (1, 3, 3, 1)
         noise_channels = model_channels * (1 if arch == 'ddpmpp' else 2)  # channel_mult_noise
         emb_channels = model_channels * 4
@@ -478,8 +477,7 @@ class UNet(nn.Module):
                 self.enc[f'{res}_block{i}'] = Block(cin, cout, attention=res in attn_resolutions, **block)
                 skip_channels.append(cout)
 
-        # Decoder: the lowest level opens with two blocks (attention in the first), the others with
-        # an up-sampling block; each then takes num_blocks + 1 skips.
+        # Decoder: the lowest level opens with two blocks, the others with an up-sampling block.
         self.dec = nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
@@ -552,8 +550,7 @@ def vp_sigma(t, beta_d=BETA_D, beta_min=BETA_MIN):
 def vp_sigma_inv(sigma, beta_d=BETA_D, beta_min=BETA_MIN):
     """Inverse of vp_sigma: t(sigma) = (sqrt(beta_min^2 + 2 beta_d ln(1 + sigma^2)) - beta_min) / beta_d."""
     sigma = torch.as_tensor(sigma)
-    # ln(1 + sigma^2) rounded in float32 as EDM does (not log1p): the study's VP networks were
-    # trained on these c_noise values, and log1p moves D(x; sigma) by ~1e-5 at sigma ~ 0.05.
+    # Not log1p: EDM rounds ln(1 + sigma^2) in float32, and the study's VP networks learned those c_noise.
     return ((beta_min ** 2 + 2 * beta_d * (1 + sigma ** 2).log()).sqrt() - beta_min) / beta_d
 
 class Precond(nn.Module):
@@ -566,10 +563,9 @@ class Precond(nn.Module):
         self.net, self.kind, self.sigma_data = net, kind, sigma_data
         self.beta_d, self.beta_min, self.M, self.epsilon_t = beta_d, beta_min, M, epsilon_t
         self.label_dim = getattr(net, 'label_dim', 0)
-        # The noise levels the network supports (EDM's sigma_min, sigma_max), which the sampler keeps
-        # to: VE its training range, VP [sigma(eps_t), sigma(1)] in float32 as EDM, EDM [0, inf].
+        # The noise levels the network supports (EDM's sigma_min, sigma_max): the sampler keeps to them.
         default = (VE_SIGMA_MIN, VE_SIGMA_MAX) if kind == 've' else (0.0, math.inf)
-        if kind == 'vp':
+        if kind == 'vp':                                    # in float32, as EDM computes them
             default = [float(vp_sigma(torch.tensor(t, device='cpu'), beta_d, beta_min))
                        for t in (epsilon_t, 1.0)]
         self.sigma_min = default[0] if sigma_min is None else float(sigma_min)
