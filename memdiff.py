@@ -544,7 +544,7 @@ VE_SIGMA_MIN, VE_SIGMA_MAX = 0.02, 100.0        # VE: the noise levels it is tra
 
 def vp_sigma(t, beta_d=BETA_D, beta_min=BETA_MIN):
     """VP noise level sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
-    t = torch.as_tensor(t)
+    t = t if torch.is_tensor(t) else torch.as_tensor(t)
     return ((0.5 * beta_d * t ** 2 + beta_min * t).exp() - 1).sqrt()
 
 def vp_sigma_inv(sigma, beta_d=BETA_D, beta_min=BETA_MIN):
