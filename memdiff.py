@@ -896,9 +896,7 @@ def wilson_interval(k, n, z=1.96):
 # Adam (or SGD), a linear learning-rate ramp-up, an EMA of the weights, snapshots of the EMA network.
 # Durations are in epochs (passes over |D|: they scale with |D| as in the study) or in optimizer
 # steps. Under torchrun the ranks split the global batch and DDP averages their gradients.
-
-# The study's EMA modes are written for CIFAR-10's 50,000 images, its batch of 512 and its EMA
-# half-life of 500k images (0.5 Mimg) after ramp-up.
+# The EMA modes assume the study's 50,000 images, batch 512 and 500k-image half-life after ramp-up.
 REF_IMAGES, REF_BATCH, REF_HALFLIFE = 50_000, 512, 500_000
 
 @dataclass
@@ -924,9 +922,8 @@ class TrainConfig:
 
     def total_steps(self, n):
         """Optimizer steps for a training set of n images."""
-        if self.epochs is not None:
-            return max(1, math.ceil(self.epochs * n / self.batch))
-        return self.train_steps
+        return self.train_steps if self.epochs is None else \
+            max(1, math.ceil(self.epochs * n / self.batch))
 
     def snapshot_steps(self, n):
         """Steps (ascending, the last one final) at which the EMA network is evaluated."""
@@ -960,8 +957,7 @@ class TrainConfig:
     def ema_beta_at(self, nimg, n):
         """EMA decay beta after the step at nimg images, as the study's training_loop.py sets it."""
         h = self._images(self.ema_halflife, n)              # half-life in images
-        if self.ema_rampup:
-            h = min(h, nimg * self.ema_rampup)
+        h = min(h, nimg * self.ema_rampup) if self.ema_rampup else h  # 0: no ramp-up
         h = max(h, 1e-8)                                    # h = 0 (the first step): beta = 0
         data_ratio = REF_IMAGES / n
         if self.ema_mode == 'mode1':                        # the half-life as given
@@ -985,8 +981,7 @@ def dist_info():
 
 def data_order(n, seed):
     """The study's data order (window size 0): one seeded permutation of range(n) [n], repeated."""
-    # EDM's InfiniteSampler shuffles with numpy's RandomState(seed); the same call gives the same
-    # order, so a run with the study's seed sees its images in the study's order.
+    # EDM's InfiniteSampler shuffles with numpy's RandomState(seed): the study's seed, its order.
     return torch.from_numpy(np.random.RandomState(seed).permutation(n))
 
 def train(precond, images, labels=None, cfg=TrainConfig(), seed=0, resume=None, progress=None):
@@ -1027,8 +1022,11 @@ def train(precond, images, labels=None, cfg=TrainConfig(), seed=0, resume=None, 
     def state():                                            # at the step just taken
         rng = dict(noise=g_noise.get_state(), torch=torch.get_rng_state(),
                    cuda=torch.cuda.get_rng_state(device) if device.type == 'cuda' else None)
+        rngs = [rng] * world                                # every rank's, so each stream goes on
+        if world > 1:                                       # get_state() tensors are on the CPU
+            torch.distributed.all_gather_object(rngs, rng)
         return dict(net=precond.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                    rng=_gather_states(rng), step=step)
+                    rng=rngs, step=step)
 
     precond.train()
     while step < total:
@@ -1064,13 +1062,6 @@ def train(precond, images, labels=None, cfg=TrainConfig(), seed=0, resume=None, 
                                  f'{int(bad)} of {total} (|D| = {n}); lower the learning rate')
             yield step, ema, state
     precond.eval()
-
-def _gather_states(state):
-    """The RNG states of all ranks (a list), so a resumed DDP run continues every rank's stream."""
-    states = [state] * dist_info()[1]                       # get_state() tensors are on the CPU
-    if len(states) > 1:
-        torch.distributed.all_gather_object(states, state)
-    return states
 
 #----------------------------------------------------------------------------
 # 9. Measurement and EMM search [1, sec. 3, eq. 5]. A size's memorization ratio: at each snapshot,
