@@ -1407,29 +1407,21 @@ class _Record:
     def __setstate__(self, state):                      # pickle's BUILD
         self.state = state
 
-def _numpy_scalar(dtype, data):
-    """numpy's scalar(dtype, bytes), e.g. EDM's skip_scale = np.sqrt(0.5); objects are refused."""
-    return np.frombuffer(data, dtype, count=1)[0].item()
-
 # Everything a network-snapshot pickle may name, found by pickling EDM's and DiffMemorize's objects
 # (torch 2.x, numpy 1 and 2); each maps to a function that builds data, never to one that runs code.
 _SNAPSHOT_GLOBALS = {
     ('torch_utils.persistence', '_reconstruct_persistent_obj'): _Record,
-    ('torch.nn.modules.container', 'ModuleDict'): _Record,
-    ('torch.nn.modules.container', 'ModuleList'): _Record,
-    ('torch.nn.modules.container', 'Sequential'): _Record,
+    **{('torch.nn.modules.container', c): _Record for c in ('ModuleDict', 'ModuleList', 'Sequential')},
     ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
     ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
     ('torch.storage', '_load_from_bytes'):              # torch's own runs a full torch.load
         lambda data: torch.load(io.BytesIO(data), map_location='cpu', weights_only=True),
-    ('collections', 'OrderedDict'): collections.OrderedDict,
-    ('numpy', 'dtype'): np.dtype,
-    ('numpy.core.multiarray', 'scalar'): _numpy_scalar,
-    ('numpy._core.multiarray', 'scalar'): _numpy_scalar,
+    ('collections', 'OrderedDict'): collections.OrderedDict, ('numpy', 'dtype'): np.dtype,
+    # numpy's scalar(dtype, bytes), e.g. EDM's skip_scale = np.sqrt(0.5); object dtypes are refused
+    **{(m, 'scalar'): lambda dtype, data: np.frombuffer(data, dtype, count=1)[0].item()
+       for m in ('numpy.core.multiarray', 'numpy._core.multiarray')},
     ('dnnlib.util', 'EasyDict'): dict,                  # EDM's attribute dict, read as a dict
-    ('builtins', 'set'): set,
-    ('builtins', 'frozenset'): frozenset,
-}
+    ('builtins', 'set'): set, ('builtins', 'frozenset'): frozenset}
 
 class _SnapshotUnpickler(pickle.Unpickler):
     """Unpickles data only: a name outside _SNAPSHOT_GLOBALS is refused before anything runs."""
@@ -1498,45 +1490,28 @@ def _unet_from_state(config, state, edm=False):
     net.load_state_dict(state, strict=False)
     return net
 
-# EDM's SongUNet arguments and defaults (DiffMemorize adds skip_connections); the first three have
-# none. augment_dim and label_dropout act only in training (no augmentation labels at sampling).
-_SONG_UNET = dict(
-    img_resolution=None, in_channels=None, out_channels=None, label_dim=0, augment_dim=0,
-    model_channels=128, channel_mult=[1, 2, 2, 2], channel_mult_emb=4, num_blocks=4,
-    attn_resolutions=[16], dropout=0.10, label_dropout=0, embedding_type='positional',
-    channel_mult_noise=1, encoder_type='standard', decoder_type='standard', resample_filter=[1, 1],
-    skip_connections=None)
 # The two SongUNets of the study (EDM's train.py --arch ddpmpp and ncsnpp), and nothing in between.
 _SONG_UNET_ARCHS = {
     'ddpmpp': dict(encoder_type='standard', decoder_type='standard', resample_filter=[1, 1],
                    channel_mult_noise=1, channel_mult_emb=4),
     'ncsnpp': dict(encoder_type='residual', decoder_type='standard', resample_filter=[1, 3, 3, 1],
                    channel_mult_noise=2, channel_mult_emb=4)}
-
-def _unet_from_edm(record):
-    """memdiff's UNet with the weights of an EDM/DiffMemorize SongUNet record."""
-    kw = {**_SONG_UNET, **record.state['_init_kwargs']}
-    unknown = sorted(kw.keys() - _SONG_UNET.keys())
-    if unknown:
-        raise ValueError(f'SongUNet has arguments memdiff does not implement: {unknown}')
-    found = {k: kw[k] for k in _SONG_UNET_ARCHS['ddpmpp']}
-    arch = next((a for a, settings in _SONG_UNET_ARCHS.items() if settings == found), None)
-    if arch is None:
-        raise ValueError(f'SongUNet with {found}: memdiff implements {_SONG_UNET_ARCHS}')
-    config = {k: kw[k] for k in ('img_resolution', 'in_channels', 'out_channels', 'label_dim',
-                                 'model_channels', 'channel_mult', 'num_blocks', 'attn_resolutions',
-                                 'dropout')}
-    config.update(arch=arch, embedding=kw['embedding_type'], skips=kw['skip_connections'] or None)
-    return _unet_from_state(config, _edm_names(_record_tensors(record)), edm=True)
-
+# EDM's SongUNet arguments and defaults, ddpmpp's among them (DiffMemorize adds skip_connections);
+# the first three have none. augment_dim and label_dropout act only in training.
+_SONG_UNET = dict(
+    img_resolution=None, in_channels=None, out_channels=None, label_dim=0, augment_dim=0,
+    model_channels=128, channel_mult=[1, 2, 2, 2], num_blocks=4, attn_resolutions=[16],
+    dropout=0.10, label_dropout=0, embedding_type='positional', skip_connections=None,
+    **_SONG_UNET_ARCHS['ddpmpp'])
 # EDM's preconditionings: memdiff's kind and the arguments it reads (memdiff's defaults are EDM's);
 # the others (img_resolution, label_dim, model_type, ...) went to the SongUNet held as .model.
 _PRECONDS = {'VPPrecond': ('vp', ('beta_d', 'beta_min', 'M', 'epsilon_t')),
              'VEPrecond': ('ve', ('sigma_min', 'sigma_max')),
              'EDMPrecond': ('edm', ('sigma_min', 'sigma_max', 'sigma_data'))}
 
-def _precond_from_edm(ema, path):
-    """memdiff's Precond(UNet) from an EDM VPPrecond / VEPrecond / EDMPrecond record."""
+def _precond_from_edm(data, path):
+    """Precond(UNet) from an unpickled snapshot: its 'ema', an EDM VP/VE/EDMPrecond of a SongUNet."""
+    ema = data.get('ema') if isinstance(data, dict) else data
     name = getattr(ema, 'class_name', type(ema).__name__)
     if name not in _PRECONDS:
         raise ValueError(f"holds a {name}, not the study's network-snapshot-*.pkl (a dict whose "
@@ -1550,7 +1525,19 @@ def _precond_from_edm(ema, path):
         raise ValueError(f'{name} or its SongUNet was stored with positional arguments')
     if kw.get('use_fp16'):                              # EDM runs it in float16 on a GPU
         warnings.warn(f'{path}: stored with use_fp16=True; memdiff evaluates it in float32')
-    return Precond(_unet_from_edm(model), kind, **{k: kw[k] for k in names if k in kw})
+    song = {**_SONG_UNET, **model.state['_init_kwargs']}
+    if unknown := sorted(song.keys() - _SONG_UNET.keys()):
+        raise ValueError(f'SongUNet has arguments memdiff does not implement: {unknown}')
+    found = {k: song[k] for k in _SONG_UNET_ARCHS['ddpmpp']}
+    arch = next((a for a, settings in _SONG_UNET_ARCHS.items() if settings == found), None)
+    if arch is None:
+        raise ValueError(f'SongUNet with {found}: memdiff implements {_SONG_UNET_ARCHS}')
+    config = {k: song[k] for k in ('img_resolution', 'in_channels', 'out_channels', 'label_dim',
+                                   'model_channels', 'channel_mult', 'num_blocks',
+                                   'attn_resolutions', 'dropout')}
+    config.update(arch=arch, embedding=song['embedding_type'], skips=song['skip_connections'] or None)
+    unet = _unet_from_state(config, _edm_names(_record_tensors(model)), edm=True)
+    return Precond(unet, kind, **{k: kw[k] for k in names if k in kw})
 
 _PRECOND_SETTINGS = ('kind', 'sigma_data', 'beta_d', 'beta_min', 'M', 'epsilon_t', 'sigma_min',
                      'sigma_max')
@@ -1584,9 +1571,7 @@ def load_network(path):
                 precond = _read_network(path)
             else:                                       # a pickle: the study's snapshot
                 f.seek(0)
-                data = _SnapshotUnpickler(f).load()
-                ema = data.get('ema') if isinstance(data, dict) else data
-                precond = _precond_from_edm(ema, path)
+                precond = _precond_from_edm(_SnapshotUnpickler(f).load(), path)
     except ValueError as e:                             # the readers' own refusals, located
         _fail(path, e)
     except Exception as e:                              # torch, pickle and the allocator raise many
