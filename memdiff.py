@@ -918,7 +918,6 @@ class TrainConfig:
     snapshots: int = 3              # EMA snapshots scored, the last at the end
     snapshot_spacing: str = 'linear'  # 'linear' | 'log': geometric from ~1% of the steps to the end
     snapshot_images: int = None     # or one every so many images, on EDM's 50k-image ticks
-    precision: str = 'fp32'         # 'fp32' (the study) | 'bf16': autocast of the network
 
     def total_steps(self, n):
         """Optimizer steps for a training set of n images."""
@@ -1038,9 +1037,7 @@ def train(precond, images, labels=None, cfg=TrainConfig(), seed=0, resume=None, 
         # is seen once per epoch; rank r takes entries r, r + world, ... as EDM's sampler deals them.
         idx = order[(nimg + torch.arange(rank, cfg.batch, world, device=device)) % n]
         y, c = images[idx], None if labels is None else labels[idx]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == 'bf16'):
-            loss = LOSSES[precond.kind](model, y, c, generator=g_noise,
-                                        **precond.loss_constants()).mean()
+        loss = LOSSES[precond.kind](model, y, c, generator=g_noise, **precond.loss_constants()).mean()
         # Checked at the snapshots only: reading it every step would stall a GPU's queue.
         bad = torch.where((bad < 0) & ~loss.detach().isfinite(), step + 1, bad)
         opt.zero_grad(set_to_none=True)
