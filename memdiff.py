@@ -1493,13 +1493,13 @@ _SONG_UNET_ARCHS = {
                    channel_mult_noise=1, channel_mult_emb=4),
     'ncsnpp': dict(encoder_type='residual', decoder_type='standard', resample_filter=[1, 3, 3, 1],
                    channel_mult_noise=2, channel_mult_emb=4)}
-# EDM's SongUNet arguments and defaults, ddpmpp's among them (DiffMemorize adds skip_connections);
-# the first three have none. augment_dim and label_dropout act only in training.
-_SONG_UNET = dict(
-    img_resolution=None, in_channels=None, out_channels=None, label_dim=0, augment_dim=0,
-    model_channels=128, channel_mult=[1, 2, 2, 2], num_blocks=4, attn_resolutions=[16],
-    dropout=0.10, label_dropout=0, embedding_type='positional', skip_connections=None,
-    **_SONG_UNET_ARCHS['ddpmpp'])
+# EDM's SongUNet arguments and defaults: first those memdiff's UNet shares (the first three have
+# none); DiffMemorize adds skip_connections; augment_dim and label_dropout act only in training.
+_SONG_UNET_SHARED = dict(img_resolution=None, in_channels=None, out_channels=None, label_dim=0,
+                         model_channels=128, channel_mult=[1, 2, 2, 2], num_blocks=4,
+                         attn_resolutions=[16], dropout=0.10)
+_SONG_UNET = dict(**_SONG_UNET_SHARED, augment_dim=0, label_dropout=0, embedding_type='positional',
+                  skip_connections=None, **_SONG_UNET_ARCHS['ddpmpp'])
 # EDM's preconditionings: memdiff's kind and the arguments it reads (memdiff's defaults are EDM's);
 # the others (img_resolution, label_dim, model_type, ...) went to the SongUNet held as .model.
 _PRECONDS = {'VPPrecond': ('vp', ('beta_d', 'beta_min', 'M', 'epsilon_t')),
@@ -1529,9 +1529,7 @@ def _precond_from_edm(data, path):
     arch = next((a for a, settings in _SONG_UNET_ARCHS.items() if settings == found), None)
     if arch is None:
         raise ValueError(f'SongUNet with {found}: memdiff implements {_SONG_UNET_ARCHS}')
-    config = {k: song[k] for k in ('img_resolution', 'in_channels', 'out_channels', 'label_dim',
-                                   'model_channels', 'channel_mult', 'num_blocks',
-                                   'attn_resolutions', 'dropout')}
+    config = {k: song[k] for k in _SONG_UNET_SHARED}
     config.update(arch=arch, embedding=song['embedding_type'], skips=song['skip_connections'] or None)
     unet = _unet_from_state(config, _edm_names(_record_tensors(model)), edm=True)
     return Precond(unet, kind, **{k: kw[k] for k in names if k in kw})
