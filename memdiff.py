@@ -998,8 +998,7 @@ def train(precond, images, labels=None, cfg=TrainConfig(), seed=0, resume=None, 
         opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                weight_decay=cfg.weight_decay, fused=True)
     elif cfg.optimizer == 'sgd':
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay,
-                              fused=True)
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, fused=True)
     else:
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {cfg.optimizer!r}")
     order = data_order(n, seed).to(device)
