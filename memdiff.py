@@ -854,9 +854,7 @@ def wilson_interval(k, n, z=1.96):
 # Adam (or SGD), a linear learning-rate ramp-up, an EMA of the weights, snapshots of the EMA network.
 # Durations are in epochs (passes over |D|: they scale with |D| as in the study) or in optimizer
 # steps. Under torchrun the ranks split the global batch and DDP averages their gradients.
-
-# The study's EMA modes are written for CIFAR-10's 50,000 images, its batch of 512 and its EMA
-# half-life of 500k images (0.5 Mimg) after ramp-up.
+# The EMA modes assume the study's 50,000 images, batch 512 and 500k-image half-life after ramp-up.
 REF_IMAGES, REF_BATCH, REF_HALFLIFE = 50_000, 512, 500_000
 
 @dataclass
@@ -878,13 +876,11 @@ class TrainConfig:
     snapshots: int = 3              # EMA snapshots scored, the last at the end
     snapshot_spacing: str = 'linear'  # 'linear' | 'log': geometric from ~1% of the steps to the end
     snapshot_images: int = None     # or one every so many images, on EDM's 50k-image ticks
-    precision: str = 'fp32'         # 'fp32' (the study) | 'bf16': autocast of the network
 
     def total_steps(self, n):
         """Optimizer steps for a training set of n images."""
-        if self.epochs is not None:
-            return max(1, math.ceil(self.epochs * n / self.batch))
-        return self.train_steps
+        return self.train_steps if self.epochs is None else \
+            max(1, math.ceil(self.epochs * n / self.batch))
 
     def snapshot_steps(self, n):
         """Steps (ascending, the last one final) at which the EMA network is evaluated."""
@@ -918,8 +914,7 @@ class TrainConfig:
     def ema_beta_at(self, nimg, n):
         """EMA decay beta after the step at nimg images, as the study's training_loop.py sets it."""
         h = self._images(self.ema_halflife, n)              # half-life in images
-        if self.ema_rampup:
-            h = min(h, nimg * self.ema_rampup)
+        h = min(h, nimg * self.ema_rampup) if self.ema_rampup else h  # 0: no ramp-up
         h = max(h, 1e-8)                                    # h = 0 (the first step): beta = 0
         data_ratio = REF_IMAGES / n
         if self.ema_mode == 'mode1':                        # the half-life as given
@@ -943,8 +938,7 @@ def dist_info():
 
 def data_order(n, seed):
     """The study's data order (window size 0): one seeded permutation of range(n) [n], repeated."""
-    # EDM's InfiniteSampler shuffles with numpy's RandomState(seed); the same call gives the same
-    # order, so a run with the study's seed sees its images in the study's order.
+    # EDM's InfiniteSampler shuffles with numpy's RandomState(seed): the study's seed, its order.
     return torch.from_numpy(np.random.RandomState(seed).permutation(n))
 
 def train(precond, images, labels=None, cfg=TrainConfig(), seed=0, resume=None, progress=None):
@@ -962,8 +956,7 @@ def train(precond, images, labels=None, cfg=TrainConfig(), seed=0, resume=None, 
         opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                weight_decay=cfg.weight_decay, fused=True)
     elif cfg.optimizer == 'sgd':
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay,
-                              fused=True)
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, fused=True)
     else:
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {cfg.optimizer!r}")
     order = data_order(n, seed).to(device)
@@ -985,8 +978,11 @@ def train(precond, images, labels=None, cfg=TrainConfig(), seed=0, resume=None, 
     def state():                                            # at the step just taken
         rng = dict(noise=g_noise.get_state(), torch=torch.get_rng_state(),
                    cuda=torch.cuda.get_rng_state(device) if device.type == 'cuda' else None)
+        rngs = [rng] * world                                # every rank's, so each stream goes on
+        if world > 1:                                       # get_state() tensors are on the CPU
+            torch.distributed.all_gather_object(rngs, rng)
         return dict(net=precond.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                    rng=_gather_states(rng), step=step)
+                    rng=rngs, step=step)
 
     precond.train()
     while step < total:
@@ -998,9 +994,7 @@ def train(precond, images, labels=None, cfg=TrainConfig(), seed=0, resume=None, 
         # is seen once per epoch; rank r takes entries r, r + world, ... as EDM's sampler deals them.
         idx = order[(nimg + torch.arange(rank, cfg.batch, world, device=device)) % n]
         y, c = images[idx], None if labels is None else labels[idx]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == 'bf16'):
-            loss = LOSSES[precond.kind](model, y, c, generator=g_noise,
-                                        **precond.loss_constants()).mean()
+        loss = LOSSES[precond.kind](model, y, c, generator=g_noise, **precond.loss_constants()).mean()
         # Checked at the snapshots only: reading it every step would stall a GPU's queue.
         bad = torch.where((bad < 0) & ~loss.detach().isfinite(), step + 1, bad)
         opt.zero_grad(set_to_none=True)
@@ -1022,13 +1016,6 @@ def train(precond, images, labels=None, cfg=TrainConfig(), seed=0, resume=None, 
                                  f'{int(bad)} of {total} (|D| = {n}); lower the learning rate')
             yield step, ema, state
     precond.eval()
-
-def _gather_states(state):
-    """The RNG states of all ranks (a list), so a resumed DDP run continues every rank's stream."""
-    states = [state] * dist_info()[1]                       # get_state() tensors are on the CPU
-    if len(states) > 1:
-        torch.distributed.all_gather_object(states, state)
-    return states
 
 #----------------------------------------------------------------------------
 # 9. Measurement and EMM search [1, sec. 3, eq. 5]. A size's memorization ratio: at each snapshot,
@@ -1374,29 +1361,21 @@ class _Record:
     def __setstate__(self, state):                      # pickle's BUILD
         self.state = state
 
-def _numpy_scalar(dtype, data):
-    """numpy's scalar(dtype, bytes), e.g. EDM's skip_scale = np.sqrt(0.5); objects are refused."""
-    return np.frombuffer(data, dtype, count=1)[0].item()
-
 # Everything a network-snapshot pickle may name, found by pickling EDM's and DiffMemorize's objects
 # (torch 2.x, numpy 1 and 2); each maps to a function that builds data, never to one that runs code.
 _SNAPSHOT_GLOBALS = {
     ('torch_utils.persistence', '_reconstruct_persistent_obj'): _Record,
-    ('torch.nn.modules.container', 'ModuleDict'): _Record,
-    ('torch.nn.modules.container', 'ModuleList'): _Record,
-    ('torch.nn.modules.container', 'Sequential'): _Record,
+    **{('torch.nn.modules.container', c): _Record for c in ('ModuleDict', 'ModuleList', 'Sequential')},
     ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
     ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
     ('torch.storage', '_load_from_bytes'):              # torch's own runs a full torch.load
         lambda data: torch.load(io.BytesIO(data), map_location='cpu', weights_only=True),
-    ('collections', 'OrderedDict'): collections.OrderedDict,
-    ('numpy', 'dtype'): np.dtype,
-    ('numpy.core.multiarray', 'scalar'): _numpy_scalar,
-    ('numpy._core.multiarray', 'scalar'): _numpy_scalar,
+    ('collections', 'OrderedDict'): collections.OrderedDict, ('numpy', 'dtype'): np.dtype,
+    # numpy's scalar(dtype, bytes), e.g. EDM's skip_scale = np.sqrt(0.5); object dtypes are refused
+    **{(m, 'scalar'): lambda dtype, data: np.frombuffer(data, dtype, count=1)[0].item()
+       for m in ('numpy.core.multiarray', 'numpy._core.multiarray')},
     ('dnnlib.util', 'EasyDict'): dict,                  # EDM's attribute dict, read as a dict
-    ('builtins', 'set'): set,
-    ('builtins', 'frozenset'): frozenset,
-}
+    ('builtins', 'set'): set, ('builtins', 'frozenset'): frozenset}
 
 class _SnapshotUnpickler(pickle.Unpickler):
     """Unpickles data only: a name outside _SNAPSHOT_GLOBALS is refused before anything runs."""
@@ -1465,45 +1444,28 @@ def _unet_from_state(config, state, edm=False):
     net.load_state_dict(state, strict=False)
     return net
 
-# EDM's SongUNet arguments and defaults (DiffMemorize adds skip_connections); the first three have
-# none. augment_dim and label_dropout act only in training (no augmentation labels at sampling).
-_SONG_UNET = dict(
-    img_resolution=None, in_channels=None, out_channels=None, label_dim=0, augment_dim=0,
-    model_channels=128, channel_mult=[1, 2, 2, 2], channel_mult_emb=4, num_blocks=4,
-    attn_resolutions=[16], dropout=0.10, label_dropout=0, embedding_type='positional',
-    channel_mult_noise=1, encoder_type='standard', decoder_type='standard', resample_filter=[1, 1],
-    skip_connections=None)
 # The two SongUNets of the study (EDM's train.py --arch ddpmpp and ncsnpp), and nothing in between.
 _SONG_UNET_ARCHS = {
     'ddpmpp': dict(encoder_type='standard', decoder_type='standard', resample_filter=[1, 1],
                    channel_mult_noise=1, channel_mult_emb=4),
     'ncsnpp': dict(encoder_type='residual', decoder_type='standard', resample_filter=[1, 3, 3, 1],
                    channel_mult_noise=2, channel_mult_emb=4)}
-
-def _unet_from_edm(record):
-    """memdiff's UNet with the weights of an EDM/DiffMemorize SongUNet record."""
-    kw = {**_SONG_UNET, **record.state['_init_kwargs']}
-    unknown = sorted(kw.keys() - _SONG_UNET.keys())
-    if unknown:
-        raise ValueError(f'SongUNet has arguments memdiff does not implement: {unknown}')
-    found = {k: kw[k] for k in _SONG_UNET_ARCHS['ddpmpp']}
-    arch = next((a for a, settings in _SONG_UNET_ARCHS.items() if settings == found), None)
-    if arch is None:
-        raise ValueError(f'SongUNet with {found}: memdiff implements {_SONG_UNET_ARCHS}')
-    config = {k: kw[k] for k in ('img_resolution', 'in_channels', 'out_channels', 'label_dim',
-                                 'model_channels', 'channel_mult', 'num_blocks', 'attn_resolutions',
-                                 'dropout')}
-    config.update(arch=arch, embedding=kw['embedding_type'], skips=kw['skip_connections'] or None)
-    return _unet_from_state(config, _edm_names(_record_tensors(record)), edm=True)
-
+# EDM's SongUNet arguments and defaults: first those memdiff's UNet shares (the first three have
+# none); DiffMemorize adds skip_connections; augment_dim and label_dropout act only in training.
+_SONG_UNET_SHARED = dict(img_resolution=None, in_channels=None, out_channels=None, label_dim=0,
+                         model_channels=128, channel_mult=[1, 2, 2, 2], num_blocks=4,
+                         attn_resolutions=[16], dropout=0.10)
+_SONG_UNET = dict(**_SONG_UNET_SHARED, augment_dim=0, label_dropout=0, embedding_type='positional',
+                  skip_connections=None, **_SONG_UNET_ARCHS['ddpmpp'])
 # EDM's preconditionings: memdiff's kind and the arguments it reads (memdiff's defaults are EDM's);
 # the others (img_resolution, label_dim, model_type, ...) went to the SongUNet held as .model.
 _PRECONDS = {'VPPrecond': ('vp', ('beta_d', 'beta_min', 'M', 'epsilon_t')),
              'VEPrecond': ('ve', ('sigma_min', 'sigma_max')),
              'EDMPrecond': ('edm', ('sigma_min', 'sigma_max', 'sigma_data'))}
 
-def _precond_from_edm(ema, path):
-    """memdiff's Precond(UNet) from an EDM VPPrecond / VEPrecond / EDMPrecond record."""
+def _precond_from_edm(data, path):
+    """Precond(UNet) from an unpickled snapshot: its 'ema', an EDM VP/VE/EDMPrecond of a SongUNet."""
+    ema = data.get('ema') if isinstance(data, dict) else data
     name = getattr(ema, 'class_name', type(ema).__name__)
     if name not in _PRECONDS:
         raise ValueError(f"holds a {name}, not the study's network-snapshot-*.pkl (a dict whose "
@@ -1517,7 +1479,17 @@ def _precond_from_edm(ema, path):
         raise ValueError(f'{name} or its SongUNet was stored with positional arguments')
     if kw.get('use_fp16'):                              # EDM runs it in float16 on a GPU
         warnings.warn(f'{path}: stored with use_fp16=True; memdiff evaluates it in float32')
-    return Precond(_unet_from_edm(model), kind, **{k: kw[k] for k in names if k in kw})
+    song = {**_SONG_UNET, **model.state['_init_kwargs']}
+    if unknown := sorted(song.keys() - _SONG_UNET.keys()):
+        raise ValueError(f'SongUNet has arguments memdiff does not implement: {unknown}')
+    found = {k: song[k] for k in _SONG_UNET_ARCHS['ddpmpp']}
+    arch = next((a for a, settings in _SONG_UNET_ARCHS.items() if settings == found), None)
+    if arch is None:
+        raise ValueError(f'SongUNet with {found}: memdiff implements {_SONG_UNET_ARCHS}')
+    config = {k: song[k] for k in _SONG_UNET_SHARED}
+    config.update(arch=arch, embedding=song['embedding_type'], skips=song['skip_connections'] or None)
+    unet = _unet_from_state(config, _edm_names(_record_tensors(model)), edm=True)
+    return Precond(unet, kind, **{k: kw[k] for k in names if k in kw})
 
 _PRECOND_SETTINGS = ('kind', 'sigma_data', 'beta_d', 'beta_min', 'M', 'epsilon_t', 'sigma_min',
                      'sigma_max')
@@ -1551,9 +1523,7 @@ def load_network(path):
                 precond = _read_network(path)
             else:                                       # a pickle: the study's snapshot
                 f.seek(0)
-                data = _SnapshotUnpickler(f).load()
-                ema = data.get('ema') if isinstance(data, dict) else data
-                precond = _precond_from_edm(ema, path)
+                precond = _precond_from_edm(_SnapshotUnpickler(f).load(), path)
     except ValueError as e:                             # the readers' own refusals, located
         _fail(path, e)
     except Exception as e:                              # torch, pickle and the allocator raise many

@@ -441,7 +441,7 @@ def test_train_config_defaults_are_the_documented_ones():
         ('edm', 'adam', 1e-3, 64, 0.0, 1500)
     assert (cfg.epochs, cfg.lr_rampup, cfg.ema_mode, cfg.ema_halflife) == (None, 0.0, 'mode1', 10.0)
     assert (cfg.ema_rampup, cfg.ema_beta, cfg.whole_kimg, cfg.snapshots, cfg.snapshot_spacing,
-            cfg.snapshot_images, cfg.precision) == (0.05, 0.99929, False, 3, 'linear', None, 'fp32')
+            cfg.snapshot_images) == (0.05, 0.99929, False, 3, 'linear', None)
     assert (memdiff.REF_IMAGES, memdiff.REF_BATCH, memdiff.REF_HALFLIFE) == (50_000, 512, 500_000)
 
 
