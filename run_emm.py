@@ -1,8 +1,7 @@
 """Estimate the effective model memorization (EMM) of a diffusion model: python run_emm.py --help.
 
-memdiff.py holds the science; this file is the run around it: options and the study's preset, one
-record and one lock per size (several processes may measure sizes of one folder at once), resume,
-the combined record, pictures, sweeps, the study's files (--export, --score) and torchrun's group.
+memdiff.py holds the science; this file is the run around it: options, the study's preset, a record
+and a lock per size, resume, the combined record, pictures, sweeps, --export, --score, torchrun.
 """
 
 import contextlib
@@ -30,11 +29,9 @@ import torch
 
 import memdiff
 
-# The study's CIFAR-10 run [Gu et al., sec. 3; sail-sg/DiffMemorize scripts/*.md]: DDPM++ with VP,
-# 128 channels, dropout 0.13, Adam at 2e-4, batch 512, seed 1024, 40,000 epochs (2,000 Mimg at
-# 50k), ramp-up 200 epochs (|D|/5 kimg), EMA mode2 with a half-life of 10 epochs (0.5 Mimg at 50k),
-# durations rounded to whole kimg, a snapshot every 2.5M images, 10k samples per snapshot. NCSN++
-# runs VE with the Fourier embedding. Attention sits at half the resolution, as in every run.
+# The study's CIFAR-10 run [Gu et al., sec. 3; sail-sg/DiffMemorize scripts/*.md]; in its units at
+# 50k images: 40,000 epochs = 2,000 Mimg, a ramp-up of 200 epochs = |D|/5 kimg, an EMA half-life of
+# 10 epochs = 0.5 Mimg. NCSN++ runs VE with the Fourier embedding; attention at half the resolution.
 PAPER = dict(model_channels=128, channel_mult=(2, 2, 2), num_blocks=2, dropout=0.13, precond='vp',
              lr=2e-4, batch=512, epochs=40000.0, lr_rampup=200.0, ema_mode='mode2',
              ema_halflife=10.0, whole_kimg=True, snapshot_images=2_500_000, samples=10000, seed=1024)
@@ -91,8 +88,7 @@ def make_config(opts, given):
                   if k not in mine})
     train = memdiff.TrainConfig(**{k: v.pop(k) for k in list(v) if fields[k] is memdiff.TrainConfig})
     cfg = memdiff.EMMConfig(**v, train=train)
-    # Refused before anything runs: classes, a resolution or labels the data set cannot give (the
-    # data set says which), and a network that cannot be built (built without memory or time).
+    # Refused before anything runs: what the data set cannot give, a network that cannot be built.
     images, labels = dataset(cfg.data, cfg.resolution, cfg.classes)
     label_dim = memdiff.assign_labels(labels, cfg.labels, len(images))[1]
     if not cfg.optimum:
@@ -110,9 +106,8 @@ def config_hash(cfg):
     return hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
 
 #----------------------------------------------------------------------------
-# Files. Every file is written whole or not at all. An output folder holds config.json, one record
-# per finished size (n16.json), the combined results.json / results.csv, and in work/ the lock and
-# the resume files of each size being measured.
+# Files, each written whole or not at all: config.json, a record per finished size (n16.json), the
+# combined results.json / results.csv, and in work/ the locks and resume files of the sizes.
 POINT = ('size', 'ratio', 'ci', 'snapshots')                # what a size's record holds at least
 VERSIONS = dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__)
 
@@ -199,9 +194,8 @@ def say_duplicates(y, log, prefix=''):
             "as memorized, 'ratio_study' does not (the study)")
 
 #----------------------------------------------------------------------------
-# One size, and the search. A size is locked while one process measures it; a process that needs
-# it meanwhile waits and then reads its record. Its work/ files make an interruption resume from
-# the last scored snapshot, bit for bit.
+# One size, and the search. A size is locked while one process measures it (another waits, then
+# reads its record); its work/ files resume an interruption from the last scored snapshot exactly.
 
 def measure_size(cfg, data, n, outdir, device, log, save=False):
     """The point of size n: read from outdir, or measured there (resuming from work/n<size>.pt)."""
@@ -216,8 +210,7 @@ def measure_size(cfg, data, n, outdir, device, log, save=False):
             return point[0]
         log(f'|D| = {n}: ' + ('sampling the closed-form optimum' if cfg.optimum else
                               f'training {cfg.train.total_steps(n)} steps'))
-        # One file, written whole after each scored snapshot: the snapshots so far, the samples of
-        # the best one, and the training state they were taken at.
+        # One file after each scored snapshot: the snapshots so far, the best's samples, the state.
         try:
             work = torch.load(resume, map_location=device, weights_only=True) if resume.exists() \
                 else dict(snapshots=[], best=None, state=None)
