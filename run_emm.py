@@ -96,10 +96,8 @@ def make_config(opts, given):
             memdiff.build_network(cfg, tuple(images.shape[1:]), label_dim)
     return cfg
 
-@functools.lru_cache(maxsize=4)
-def dataset(data, resolution, classes):
-    """The data set of a configuration (its classes, its resolution), loaded once per run."""
-    return memdiff.load_dataset(data, resolution, classes)
+# The data set of a configuration (data, resolution, classes), loaded once per run.
+dataset = functools.lru_cache(maxsize=4)(memdiff.load_dataset)
 
 def config_hash(cfg):
     """Short hash of the configuration: the default output folder of a run."""
