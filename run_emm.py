@@ -72,7 +72,7 @@ class Pattern(click.ParamType):
         return str(value)
 
 def make_config(opts, given):
-    """Options, and the preset where the command line gave none -> a checked memdiff.EMMConfig."""
+    """Options (the preset where none was given) -> an EMMConfig its data and network allow."""
     fields = {f.name: c for c in (memdiff.EMMConfig, memdiff.TrainConfig)
               for f in dataclasses.fields(c)}
     v = {k: x for k, x in opts.items() if k in fields}      # options named after their fields
@@ -88,7 +88,6 @@ def make_config(opts, given):
                   if k not in mine})
     train = memdiff.TrainConfig(**{k: v.pop(k) for k in list(v) if fields[k] is memdiff.TrainConfig})
     cfg = memdiff.EMMConfig(**v, train=train)
-    # Refused before anything runs: what the data set cannot give, a network that cannot be built.
     images, labels = dataset(cfg.data, cfg.resolution, cfg.classes)
     label_dim = memdiff.assign_labels(labels, cfg.labels, len(images))[1]
     if not cfg.optimum:
@@ -165,9 +164,8 @@ def combine(outdir, cfg):
     with locked(outdir / 'work' / 'results.lock'):
         points = sorted((read_json(p, POINT) for p in outdir.glob('n*.json')),
                         key=lambda p: p['size'])
-        # The law's bootstrap is seeded here, once: the same points always give the same interval.
-        tau = None if cfg.optimum else memdiff.tau_law(points, cfg.samples, cfg.threshold,
-                                                       generator=torch.Generator().manual_seed(0))
+        tau = None if cfg.optimum else memdiff.tau_law(   # seeded: same points, same interval
+            points, cfg.samples, cfg.threshold, generator=torch.Generator().manual_seed(0))
         record = dict(**memdiff.summarize(points, cfg.threshold), threshold=cfg.threshold, tau=tau,
                       points=points, config=cfg.to_dict())
         atomic_write(outdir / 'results.json', json.dumps(record, indent=1))
@@ -208,8 +206,7 @@ def measure_size(cfg, data, n, outdir, device, log, save=False):
             return point[0]
         log(f'|D| = {n}: ' + ('sampling the closed-form optimum' if cfg.optimum else
                               f'training {cfg.train.total_steps(n)} steps'))
-        # One file after each scored snapshot: the snapshots so far, the best's samples, the state.
-        try:
+        try:  # the resume file: the snapshots so far, the best one's samples, the training state
             work = torch.load(resume, map_location=device, weights_only=True) if resume.exists() \
                 else dict(snapshots=[], best=None, state=None)
             done, best = list(work['snapshots']), work['best']
@@ -398,9 +395,8 @@ def init_distributed(device_name='auto'):
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f'device {device_name!r}: this machine has no CUDA GPU (use cpu)')
     if int(os.environ.get('WORLD_SIZE', '1')) > 1 and not torch.distributed.is_initialized():
-        # A size another job is measuring may keep rank 0 waiting long: the group waits with it.
-        torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
-                                             timeout=datetime.timedelta(days=7))
+        torch.distributed.init_process_group(   # rank 0 may wait long for a size another job holds
+            'nccl' if device.type == 'cuda' else 'gloo', timeout=datetime.timedelta(days=7))
     if device.type == 'cuda' and device.index is None:
         device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
         torch.cuda.set_device(device)
@@ -408,10 +404,9 @@ def init_distributed(device_name='auto'):
 
 def close_distributed():
     """Leave the torchrun process group once every rank is done (rank 0 may still be writing)."""
-    # A process that exits with the group still open can abort in gloo's threads at shutdown.
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        torch.distributed.destroy_process_group()       # left open, gloo's threads can abort at exit
 
 def sweep_values(ctx, opts):
     """'--sweep option=v1,v2' -> [(value text, options with that value)], values typed by click."""
