@@ -73,8 +73,7 @@ class Pattern(click.ParamType):
 
 def make_config(opts, given):
     """Options (the preset where none was given) -> an EMMConfig its data and network allow."""
-    fields = {f.name: c for c in (memdiff.EMMConfig, memdiff.TrainConfig)
-              for f in dataclasses.fields(c)}
+    fields = {f.name: c for c in (memdiff.EMMConfig, memdiff.TrainConfig) for f in dataclasses.fields(c)}
     v = {k: x for k, x in opts.items() if k in fields}      # options named after their fields
     v['skips'] = opts['skips'] and tuple(int(s) for s in opts['skips'].split(','))
     v['ema_mode'], _, value = opts['ema'].partition(':')
@@ -162,8 +161,7 @@ def open_folder(outdir, cfg):
 def combine(outdir, cfg):
     """results.json and results.csv of every size recorded in outdir, sizes ascending."""
     with locked(outdir / 'work' / 'results.lock'):
-        points = sorted((read_json(p, POINT) for p in outdir.glob('n*.json')),
-                        key=lambda p: p['size'])
+        points = sorted((read_json(p, POINT) for p in outdir.glob('n*.json')), key=lambda p: p['size'])
         tau = None if cfg.optimum else memdiff.tau_law(   # seeded: same points, same interval
             points, cfg.samples, cfg.threshold, generator=torch.Generator().manual_seed(0))
         record = dict(**memdiff.summarize(points, cfg.threshold), threshold=cfg.threshold, tau=tau,
@@ -354,9 +352,8 @@ def main(ctx, **opts):
     on different sizes of one OUTDIR share its records.
     """
     given = {k for k in opts if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
-    lo, colon, hi = opts['sizes'].partition(':')
-    opts['sizes'] = slice(int(lo), int(hi) if hi else None) if colon else \
-        tuple(int(n) for n in opts['sizes'].split(','))
+    lo, colon, hi = opts['sizes'].partition(':')                 # LO:HI, or N,M,... whole in lo
+    opts['sizes'] = slice(int(lo), int(hi) if hi else None) if colon else tuple(map(int, lo.split(',')))
     try:
         if opts['export']:
             return export_training_set(make_config(opts, given), opts['sizes'], opts['export'],
@@ -379,7 +376,7 @@ def main(ctx, **opts):
             records.append((value, emm_search(cfg, outdir, opts['sizes'], opts['tolerance'], device,
                                               log, opts['save_samples'])))
         if records and factor and rank == 0:
-            write_sweep(opts['outdir'] or 'runs', factor, records)
+            write_sweep(folder(Path(opts['outdir'] or 'runs')), factor, records)
         close_distributed()
     except ValueError as e:
         raise click.ClickException(str(e)) from None
@@ -626,7 +623,6 @@ def write_sweep(base, factor, records):
                     + [f'{at[n]:.3f}' if n in at else '' for n in sizes])
     widths = [max(map(len, column)) for column in zip(*rows)]
     click.echo('\n' + '\n'.join('  '.join(c.rjust(w) for c, w in zip(row, widths)) for row in rows))
-    base = folder(Path(base))
     atomic_write(base / f'sweep-{factor}.csv', '\n'.join(','.join(r) for r in rows) + '\n')
     atomic_write(base / f'sweep-{factor}.json', json.dumps([dict(
         value=v, emm=r['emm'], crossing=r['crossing'],
