@@ -11,7 +11,6 @@ import fcntl
 import functools
 import hashlib
 import io
-import itertools
 import json
 import os
 import platform
@@ -24,7 +23,6 @@ import click
 import numpy as np
 import PIL.Image
 import PIL.ImageDraw
-import PIL.ImageOps
 import torch
 
 import memdiff
@@ -54,12 +52,12 @@ def option(group, *decls, **kwargs):
     return click.option(*decls, cls=Option, group=group, **kwargs)
 
 class Command(click.Command):
-    """--help lists the options under their groups, in the order they are declared."""
+    """--help lists the options under their five groups, in the order they are declared."""
     def format_options(self, ctx, formatter):
         shown = [p for p in self.get_params(ctx) if p.get_help_record(ctx)]
-        for group, params in itertools.groupby(shown, lambda p: getattr(p, 'group', 'Run')):
+        for group in ('Data', 'Network', 'Training', 'Evaluation', 'Run'):
             with formatter.section(f'{group} options'):
-                formatter.write_dl([p.get_help_record(ctx) for p in params])
+                formatter.write_dl([p.get_help_record(ctx) for p in shown if getattr(p, 'group', 'Run') == group])
 
 class Pattern(click.ParamType):
     """Text that matches a regular expression (a label mode, an EMA, sizes, ...)."""
@@ -108,10 +106,10 @@ POINT = ('size', 'ratio', 'ci', 'snapshots')                # what a size's reco
 VERSIONS = dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__)
 
 def atomic_write(path, data):
-    """Write data (str, bytes, or a function writing to a binary file) to path via a rename."""
+    """Write data (text, or a function writing to a binary file) to path via a rename."""
     tmp = Path(f'{path}.{os.getpid()}.tmp')                 # one per process: writers may race
     with open(tmp, 'wb') as f:
-        data(f) if callable(data) else f.write(data.encode() if isinstance(data, str) else data)
+        data(f) if callable(data) else f.write(data.encode())
     os.replace(tmp, path)
 
 def read_json(path, keys=()):
@@ -555,11 +553,11 @@ def print_table(record, cfg):
         click.echo(f"tau_mem = {law['prefactor']:.3g} |D|^{law['exponent']:.2f} ({ci}) over "
                    f"|D| = {', '.join(str(n) for n in law['sizes'])}")
 
-def sample_grid(samples, reference, mem_threshold=1/3, columns=4, scale=None):
+def sample_grid(samples, reference, mem_threshold=1/3, columns=4):
     """PIL image: samples beside their two nearest training images, d1/d2 below, red: memorized."""
     d, idx = memdiff.nearest_distinct(samples, reference)   # [B, 2], as the metric
     triples = memdiff.to_uint8(torch.stack([samples, reference[idx[:, 0]], reference[idx[:, 1]]], 1))
-    scale = scale or max(1, 64 // triples.shape[-1])        # tiny images are enlarged to be seen
+    scale = max(1, 64 // triples.shape[-1])                 # tiny images are enlarged to be seen
     triples = triples.repeat_interleave(scale, 3).repeat_interleave(scale, 4)  # [B, 3, C, H, W]
     tile = triples.shape[-1] + 2 * 3                        # an image in a 3-pixel frame; 8 pixels
     width, height = 3 * tile + 8, tile + 12                 # between triples, 12 for the caption
@@ -569,8 +567,8 @@ def sample_grid(samples, reference, mem_threshold=1/3, columns=4, scale=None):
         x, y, red = b % columns * width, b // columns * height, d1_d2 < mem_threshold
         for k, image in enumerate(triple.permute(0, 2, 3, 1).squeeze(-1).numpy()):
             frame = (220, 30, 30) if k == 0 and red else (200, 200, 200)
-            image = PIL.Image.fromarray(image).convert('RGB')
-            grid.paste(PIL.ImageOps.expand(image, 3, frame), (x + k * tile, y))
+            draw.rectangle((x + k * tile, y, x + (k + 1) * tile - 1, y + tile - 1), fill=frame)
+            grid.paste(PIL.Image.fromarray(image).convert('RGB'), (x + k * tile + 3, y + 3))
         draw.text((x + 2, y + tile), f'{d1_d2:.2f}', fill=(220, 30, 30) if red else (0, 0, 0))
     return grid
 
