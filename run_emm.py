@@ -247,9 +247,7 @@ def emm_search(cfg, outdir, sizes, tolerance, device, log, save=False):
     outdir = open_folder(outdir, cfg) if rank == 0 else Path(outdir)
     if world > 1:
         torch.distributed.barrier()                         # the folder exists for every rank
-
-    def ratio_at(n):
-        return measure_size(cfg, data, n, outdir, device, log, save)['ratio']
+    ratio_at = lambda n: measure_size(cfg, data, n, outdir, device, log, save)['ratio']
     status = memdiff.find_emm(ratio_at, *asked, cfg.threshold, tolerance=tolerance)['status'] \
         if isinstance(sizes, slice) else [ratio_at(n) for n in sizes] and 'grid'
     if rank != 0:
@@ -354,8 +352,7 @@ def main(ctx, **opts):
     opts['sizes'] = slice(int(lo), int(hi) if hi else None) if colon else tuple(map(int, lo.split(',')))
     try:
         if opts['export']:
-            return export_training_set(make_config(opts, given), opts['sizes'], opts['export'],
-                                       opts['force'])
+            return export_zip(make_config(opts, given), opts['sizes'], opts['export'], opts['force'])
         device, rank, world = init_distributed(opts['device'])
         log = click.echo if rank == 0 else (lambda *a: None)
         if opts['score_path']:
@@ -438,7 +435,7 @@ def dry_run(cfg, sizes):
 #----------------------------------------------------------------------------
 # The study's files: its training sets (--export) and its snapshots (--score).
 
-def export_training_set(cfg, sizes, path, force=False):
+def export_zip(cfg, sizes, path, force):
     """The set of size N (sizes = (N,)) -> path, as the study's dataset tools write it."""
     if not path.lower().endswith('.zip') or Path(path).is_dir():
         raise click.BadParameter(f'{path!r} must be a file ending in .zip', param_hint='--export')
