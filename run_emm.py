@@ -250,15 +250,14 @@ def emm_search(cfg, outdir, sizes, tolerance, device, log, save=False):
     ratio_at = lambda n: measure_size(cfg, data, n, outdir, device, log, save)['ratio']
     status = memdiff.find_emm(ratio_at, *asked, cfg.threshold, tolerance=tolerance)['status'] \
         if isinstance(sizes, slice) else [ratio_at(n) for n in sizes] and 'grid'
-    if rank != 0:
-        return None
-    record = dict(combine(outdir, cfg), search=status)
-    try:
-        plot_memorization(outdir / 'memorization.png', record, cfg.threshold, not cfg.optimum)
-    except ImportError:
-        log("(memorization.png needs matplotlib: pip install 'memdiff[plot]')")
-    print_table(record, cfg)
-    return record
+    if rank == 0:                                           # the other ranks return None
+        record = dict(combine(outdir, cfg), search=status)
+        try:
+            plot_memorization(outdir / 'memorization.png', record, cfg.threshold, not cfg.optimum)
+        except ImportError:
+            log("(memorization.png needs matplotlib: pip install 'memdiff[plot]')")
+        print_table(record, cfg)
+        return record
 
 #----------------------------------------------------------------------------
 
