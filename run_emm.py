@@ -1,7 +1,6 @@
 """Estimate the effective model memorization (EMM) of a diffusion model: python run_emm.py --help.
 
-memdiff.py holds the science; this file is the run around it: options, the study's preset, a record
-and a lock per size, resume, the combined record, pictures, sweeps, --export, --score, torchrun.
+Around memdiff.py: options, preset, records, locks, resume, pictures, sweeps, study files, torchrun.
 """
 
 import contextlib
@@ -27,9 +26,8 @@ import torch
 
 import memdiff
 
-# The study's CIFAR-10 run [Gu et al., sec. 3; sail-sg/DiffMemorize scripts/*.md]; in its units at
-# 50k images: 40,000 epochs = 2,000 Mimg, a ramp-up of 200 epochs = |D|/5 kimg, an EMA half-life of
-# 10 epochs = 0.5 Mimg. NCSN++ runs VE with the Fourier embedding; attention at half the resolution.
+# The study's CIFAR-10 run [Gu et al., sec. 3; sail-sg/DiffMemorize scripts/*.md]; at 50k images its
+# 40,000 epochs are 2,000 Mimg, its ramp-up |D|/5 kimg, its EMA half-life 0.5 Mimg (10 epochs).
 PAPER = dict(model_channels=128, channel_mult=(2, 2, 2), num_blocks=2, dropout=0.13, precond='vp',
              lr=2e-4, batch=512, epochs=40000.0, lr_rampup=200.0, ema_mode='mode2',
              ema_halflife=10.0, whole_kimg=True, snapshot_images=2_500_000, samples=10000, seed=1024)
@@ -54,10 +52,10 @@ def option(group, *decls, **kwargs):
 class Command(click.Command):
     """--help lists the options under their five groups, in the order they are declared."""
     def format_options(self, ctx, formatter):
-        shown = [p for p in self.get_params(ctx) if p.get_help_record(ctx)]
+        shown = [(getattr(p, 'group', 'Run'), p.get_help_record(ctx)) for p in self.get_params(ctx)]
         for group in ('Data', 'Network', 'Training', 'Evaluation', 'Run'):
             with formatter.section(f'{group} options'):
-                formatter.write_dl([p.get_help_record(ctx) for p in shown if getattr(p, 'group', 'Run') == group])
+                formatter.write_dl([record for g, record in shown if g == group and record])
 
 class Pattern(click.ParamType):
     """Text that matches a regular expression (a label mode, an EMA, sizes, ...)."""
@@ -92,16 +90,14 @@ def make_config(opts, given):
             memdiff.build_network(cfg, tuple(images.shape[1:]), label_dim)
     return cfg
 
-# The data set of a configuration (data, resolution, classes), loaded once per run.
-dataset = functools.lru_cache(maxsize=4)(memdiff.load_dataset)
+dataset = functools.lru_cache(maxsize=4)(memdiff.load_dataset)    # each data set read once per run
 
 def config_hash(cfg):
     """Short hash of the configuration: the default output folder of a run."""
     return hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
 
 #----------------------------------------------------------------------------
-# Files, each written whole or not at all: config.json, a record per finished size (n16.json), the
-# combined results.json / results.csv, and in work/ the locks and resume files of the sizes.
+# Files, each written whole or not at all: config.json, n<size>.json, results.json/.csv and work/.
 POINT = ('size', 'ratio', 'ci', 'snapshots')                # what a size's record holds at least
 VERSIONS = dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__)
 
@@ -186,8 +182,7 @@ def say_duplicates(y, log, prefix=''):
             "as memorized, 'ratio_study' does not (the study)")
 
 #----------------------------------------------------------------------------
-# One size, and the search. A size is locked while one process measures it (another waits, then
-# reads its record); its work/ files resume an interruption from the last scored snapshot exactly.
+# One size, and the search: a size is locked while measured; work/ resumes it bit for bit.
 
 def measure_size(cfg, data, n, outdir, device, log, save=False):
     """The point of size n: read from outdir, or measured there (resuming from work/n<size>.pt)."""
@@ -260,7 +255,6 @@ def emm_search(cfg, outdir, sizes, tolerance, device, log, save=False):
         return record
 
 #----------------------------------------------------------------------------
-
 @click.command(cls=Command, context_settings=dict(help_option_names=['-h', '--help'],
                                                   max_content_width=100), epilog="""\b
 Examples:
@@ -449,8 +443,7 @@ def export_zip(cfg, sizes, path, force):
     if y.shape[1] not in (1, 3):
         raise click.BadParameter(f'the study writes RGB or grayscale images, not {y.shape[1]} '
                                  'channels', param_hint='--data')
-    # dataset_utils/dataset_size.py and its variants: an uncompressed zip of uncompressed PNGs
-    # 00000/img00000000.png.. in class-sorted order, then dataset.json {"labels": [[name, label]..]}.
+    # As dataset_utils/dataset_size.py: stored PNGs 00000/img00000000.png.. then dataset.json.
     names = [f'{i // 1000:05d}/img{i:08d}.png' for i in range(len(y))]
 
     def write(f):
@@ -475,9 +468,8 @@ def score_snapshots(opts, device, log):
     files = sorted(path.glob('network-snapshot-*.pkl')) if path.is_dir() else [path] * path.exists()
     if not files:
         raise ValueError(f'{path}: no such file, or a folder without network-snapshot-*.pkl')
-    # The training set of size n by the study's rule, or the whole data set (the study's own zip).
-    y = (memdiff.training_set(images, labels, sizes[0], memdiff.EMMConfig())[0]
-         if isinstance(sizes, tuple) else images).to(device)
+    y = (memdiff.training_set(images, labels, sizes[0], memdiff.EMMConfig())[0]  # the study's rule,
+         if isinstance(sizes, tuple) else images).to(device)    # or all of --data (its own zip)
     outdir = opts['outdir'] and folder(Path(opts['outdir']))
     say_duplicates(y, log)
     rows = []
