@@ -375,8 +375,7 @@ def main(ctx, **opts):
 
 def init_distributed(device_name='auto'):
     """Join the torchrun process group when launched by torchrun -> (device, rank, world_size)."""
-    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu') \
-        if device_name == 'auto' else torch.device(device_name)
+    device = torch.device(device_name.replace('auto', 'cuda' if torch.cuda.is_available() else 'cpu'))
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f'device {device_name!r}: this machine has no CUDA GPU (use cpu)')
     if int(os.environ.get('WORLD_SIZE', '1')) > 1 and not torch.distributed.is_initialized():
