@@ -1,7 +1,4 @@
-"""Estimate the effective model memorization (EMM) of a diffusion model: python run_emm.py --help.
-
-Around memdiff.py: options, preset, records, locks, resume, pictures, sweeps, study files, torchrun.
-"""
+"""Estimate the effective model memorization (EMM) of a diffusion model: python run_emm.py --help."""
 
 import contextlib
 import dataclasses
