@@ -203,17 +203,15 @@ def measure_size(cfg, data, n, outdir, device, log, save=False):
                              'delete it to measure this size from the start') from None
         y = memdiff.training_set(*data, n, cfg)[0]
         say_duplicates(y, log, f'|D| = {n}: ')
-        for snapshot, detail, state in memdiff.measure(*data, n, cfg, device, work['state'],
-                                                       progress_bar()):
+        for snap, detail, state in memdiff.measure(*data, n, cfg, device, work['state'], progress_bar()):
             if rank == 0 and save:
-                save_samples(outdir / f"samples_n{n}_step{snapshot['step']}.npz", detail)
-            if all(snapshot['ratio'] > s['ratio'] for s in done):
+                save_samples(outdir / f"samples_n{n}_step{snap['step']}.npz", detail)
+            if all(snap['ratio'] > s['ratio'] for s in done):
                 best = detail['samples'][:64].cpu()
-            done.append(snapshot)
+            done.append(snap)
             state = state and state()                       # every rank: it gathers their streams
             if rank == 0 and state:
-                atomic_write(resume, lambda f: torch.save(dict(snapshots=done, best=best,
-                                                               state=state), f))
+                atomic_write(resume, lambda f: torch.save(dict(snapshots=done, best=best, state=state), f))
         point = dict(memdiff.best_point(n, done, cfg.threshold), world_size=world, versions=VERSIONS)
         if rank == 0:
             atomic_write(outdir / f'samples_n{n}.png', lambda f: sample_grid(
@@ -287,8 +285,7 @@ Examples:
         default=0.0, help='Dropout in the residual blocks.')
 @option('Training', '--lr', metavar='FLOAT', type=click.FloatRange(0, min_open=True), default=1e-3,
         help='Adam learning rate.')
-@option('Training', '--batch', metavar='INT', type=click.IntRange(min=1), default=64,
-        help='Global batch.')
+@option('Training', '--batch', metavar='INT', type=click.IntRange(min=1), default=64, help='Global batch.')
 @option('Training', '--weight-decay', metavar='FLOAT', type=click.FloatRange(min=0), default=0.0,
         help='L2 weight decay inside Adam.')
 @option('Training', '--ema', metavar='MODE', default='mode1:10', help="The study's EMA: mode1:H, "
@@ -475,8 +472,7 @@ def score_snapshots(opts, device, log):
         if shape != tuple(y.shape[1:]):
             raise ValueError(f'{file}: the network makes images of shape {shape}, the training set '
                              f'holds {tuple(y.shape[1:])}')
-        x, c = memdiff.generate(net, opts['samples'], shape, net.label_dim, device,
-                                progress=progress_bar())
+        x, c = memdiff.generate(net, opts['samples'], shape, net.label_dim, device, progress=progress_bar())
         summary, scores = memdiff.score(x, y)
         rows.append(dict(snapshot=file.name, **summary))
         study = f", the study's rule {summary['ratio_study']:.4f}" if 'ratio_study' in summary else ''
@@ -499,14 +495,12 @@ def score_snapshots(opts, device, log):
 class Progress:
     """click progress bars on stderr for training steps and sampling evaluations."""
     bar = None
-
     def __call__(self, kind, done, total):
         label = f'  {kind:<7}'
         if self.bar is None or self.bar.label != label or done < self.bar.pos:
             if self.bar:
                 self.bar.render_finish()                    # the next bar starts a new line
-            self.bar = click.progressbar(length=total, label=label, file=sys.stderr,
-                                         show_pos=True, width=30)
+            self.bar = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True, width=30)
         self.bar.update(done - self.bar.pos)
         if done >= total:
             self.bar = self.bar.render_finish()
