@@ -32,7 +32,6 @@ NCSNPP = dict(precond='ve', embedding='fourier')
 # The fields each option sets: given, it keeps the preset off them all (--train-steps its epochs).
 SETS = dict(ema=('ema_mode', 'ema_halflife', 'ema_beta'), train_steps=('train_steps', 'epochs'),
             snapshots=('snapshots', 'snapshot_spacing', 'snapshot_images'))
-NUMBER, BETA = r'(\d+\.?\d*|\.\d+)(e-?\d+)?', r'(0(\.\d*)?|1(\.0*)?|\.\d+)'
 
 #----------------------------------------------------------------------------
 # Options: typed and checked at the edge, then turned into one EMMConfig by make_config.
@@ -290,8 +289,8 @@ Examples:
         help='L2 weight decay inside Adam.')
 @option('Training', '--ema', metavar='MODE', default='mode1:10', help="The study's EMA: mode1:H, "
         'mode2:H (half-life H epochs), mode3, mode4:BETA, fixed:BETA.', type=Pattern(
-            rf'mode[12]:{NUMBER}|mode3|(mode4|fixed):{BETA}', 'mode1:H, mode2:H, mode3, mode4:BETA '
-            'or fixed:BETA (H in epochs, BETA in [0, 1])'))
+            r'mode[12]:(\d+\.?\d*|\.\d+)(e-?\d+)?|mode3|(mode4|fixed):(0(\.\d*)?|1(\.0*)?|\.\d+)',
+            'mode1:H, mode2:H, mode3, mode4:BETA or fixed:BETA (H in epochs, BETA in [0, 1])'))
 @option('Training', '--train-steps', '--steps', 'train_steps', metavar='INT', default=1500,
         type=click.IntRange(min=1), help='Training steps per size (unless --epochs).')
 @option('Training', '--epochs', metavar='FLOAT', type=click.FloatRange(0, min_open=True),
@@ -559,8 +558,7 @@ def plot_memorization(path, record, threshold, trained=True):
     sizes = [p['size'] for p in points]
     fig, (axes,) = plt.subplots(1, 4 if trained else 1, figsize=(18 if trained else 5, 4), dpi=110,
                                 squeeze=False)
-    axes[0].fill_between(sizes, [p['ci'][0] for p in points], [p['ci'][1] for p in points],
-                         alpha=0.25, label='95% Wilson interval')
+    axes[0].fill_between(sizes, *zip(*(p['ci'] for p in points)), alpha=0.25, label='95% Wilson interval')
     axes[0].plot(sizes, [p['ratio'] for p in points], 'o-', label='best snapshot')
     if record.get('emm') is not None:
         axes[0].axvline(record['emm'], color='C3', ls=':', label=f"EMM = {record['emm']}")
