@@ -28,7 +28,7 @@ import memdiff
 PAPER = dict(model_channels=128, channel_mult=(2, 2, 2), num_blocks=2, dropout=0.13, precond='vp',
              lr=2e-4, batch=512, epochs=40000.0, lr_rampup=200.0, ema_mode='mode2',
              ema_halflife=10.0, whole_kimg=True, snapshot_images=2_500_000, samples=10000, seed=1024)
-NCSNPP = dict(precond='ve', embedding='fourier')
+NCSNPP = dict(PAPER, precond='ve', embedding='fourier')     # NCSN++: VE, the Fourier embedding
 # The fields each option sets: given, it keeps the preset off them all (--train-steps its epochs).
 SETS = dict(ema=('ema_mode', 'ema_halflife', 'ema_beta'), train_steps=('train_steps', 'epochs'),
             snapshots=('snapshots', 'snapshot_spacing', 'snapshot_images'))
@@ -75,8 +75,7 @@ def make_config(opts, given):
     v.update(snapshots=int(count), snapshot_spacing=spacing or 'linear')
     if opts['preset'] == 'paper':                           # the command line wins
         mine = {k for name in given for k in SETS.get(name, (name,))}
-        v.update({k: x for k, x in {**PAPER, **(NCSNPP if v['arch'] == 'ncsnpp' else {})}.items()
-                  if k not in mine})
+        v.update({k: x for k, x in (NCSNPP if v['arch'] == 'ncsnpp' else PAPER).items() if k not in mine})
     train = memdiff.TrainConfig(**{k: v.pop(k) for k in list(v) if fields[k] is memdiff.TrainConfig})
     cfg = memdiff.EMMConfig(**v, train=train)
     images, labels = dataset(cfg.data, cfg.resolution, cfg.classes)
