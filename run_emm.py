@@ -482,9 +482,8 @@ def score_snapshots(opts, device, log):
     log(f'\nbest of {len(rows)}: {best["snapshot"]}, memorization ratio {best["ratio"]:.4f} '
         f'against |D| = {len(y)} of {opts["data"]}')
     if outdir and rank == 0:
-        atomic_write(outdir / 'score.json', json.dumps(dict(
-            size=len(y), data=opts['data'], samples=opts['samples'], best=best, snapshots=rows,
-            versions=VERSIONS), indent=1))
+        score = dict(size=len(y), data=opts['data'], samples=opts['samples'], best=best, snapshots=rows)
+        atomic_write(outdir / 'score.json', json.dumps(dict(score, versions=VERSIONS), indent=1))
     close_distributed()
 
 #----------------------------------------------------------------------------
@@ -518,9 +517,8 @@ def print_table(record, cfg):
         columns += [('best step', 9, fmt('best_step', 'd')), ('tau_mem', 7, fmt('tau_mem', '.0f')),
                     ('share', 6, fmt('share', '.3f')), ('gap', 7, fmt('gap', '.2f'))]
     columns.append(('memorizes', 9, lambda p: 'yes' if p['ratio'] >= cfg.threshold else 'no'))
-    click.echo()
-    for row in [None] + record["points"]:
-        click.echo('  '.join(f'{name if row is None else cell(row)!s:>{w}}' for name, w, cell in columns))
+    click.echo('\n' + '\n'.join('  '.join(f'{name if p is None else cell(p)!s:>{w}}'
+                                          for name, w, cell in columns) for p in [None] + record['points']))
     crossing = f' (interpolated crossing {record["crossing"]:.0f})' if record['crossing'] else ''
     emm = record['emm'] if record['emm'] is not None else 'none (below the smallest size)'
     click.echo(f'\nEMM at {cfg.threshold:.0%}: {emm}{crossing}   [{record.get("search", "")}]')
@@ -591,8 +589,7 @@ def write_sweep(base, factor, records):
     rows = [[factor, 'EMM', 'crossing'] + [f'n={n}' for n in sizes]]
     for value, r in records:
         at = {p['size']: p['ratio'] for p in r['points']}
-        rows.append([value, '-' if r['emm'] is None else str(r['emm']),
-                     '-' if r['crossing'] is None else f"{r['crossing']:.0f}"]
+        rows.append([value, str(r['emm'] or '-'), f"{r['crossing']:.0f}" if r['crossing'] else '-']
                     + [f'{at[n]:.3f}' if n in at else '' for n in sizes])
     widths = [max(map(len, column)) for column in zip(*rows)]
     click.echo('\n' + '\n'.join('  '.join(c.rjust(w) for c, w in zip(row, widths)) for row in rows))
