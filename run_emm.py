@@ -574,11 +574,10 @@ def plot_memorization(path, record, threshold, trained=True):
     titles = ['ratio against |D|', 'ratio against step (x: tau_mem)', 'ratio against step / |D|',
               'optimum share (o-), held-out gap (s--)']
     for k, (ax, x, title) in enumerate(zip(axes, xlabels, titles)):
-        ax.set(xscale='log', xlabel=x, title=title)
+        ax.set(xscale='log', xlabel=x, title=title)         # a log scale resets the ticks: set below
         ax.axhline(0.5 if k == 3 else threshold, color='k', ls='--', lw=0.8)
         ax.legend(fontsize=7)
-    axes[0].set(ylabel='memorization ratio')
-    axes[0].set_xticks(sizes, [str(n) for n in sizes], minor=False)   # after the log scale
+    axes[0].set(ylabel='memorization ratio', xticks=sizes, xticklabels=[str(n) for n in sizes])
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format='png'))
     plt.close(fig)
