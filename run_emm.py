@@ -23,8 +23,7 @@ import torch
 
 import memdiff
 
-# The study's CIFAR-10 run [Gu et al., sec. 3; sail-sg/DiffMemorize scripts/*.md]; at 50k images its
-# 40,000 epochs are 2,000 Mimg, its ramp-up |D|/5 kimg, its EMA half-life 0.5 Mimg (10 epochs).
+# The study's CIFAR-10 run [Gu et al., sec. 3; sail-sg/DiffMemorize scripts/*.md], in epochs of |D|.
 PAPER = dict(model_channels=128, channel_mult=(2, 2, 2), num_blocks=2, dropout=0.13, precond='vp',
              lr=2e-4, batch=512, epochs=40000.0, lr_rampup=200.0, ema_mode='mode2',
              ema_halflife=10.0, whole_kimg=True, snapshot_images=2_500_000, samples=10000, seed=1024)
