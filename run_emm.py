@@ -120,16 +120,15 @@ def folder(path):
     path.mkdir(parents=True, exist_ok=True)
     return path
 
-@contextlib.contextmanager
 def locked(path, wait_message=None):
-    """Hold an exclusive lock on path (flock: the kernel frees it when its process dies)."""
-    with open(path, 'a') as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            click.echo(wait_message) if wait_message else None
-            fcntl.flock(f, fcntl.LOCK_EX)
-        yield
+    """path opened under an exclusive flock, for a with: closing it or the process dying frees it."""
+    f = open(path, 'a')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        click.echo(wait_message) if wait_message else None
+        fcntl.flock(f, fcntl.LOCK_EX)
+    return f
 
 def open_folder(outdir, cfg):
     """The output folder of cfg: created with config.json, or checked against the one it holds."""
