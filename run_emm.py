@@ -1,9 +1,4 @@
-"""Estimate the effective model memorization (EMM) of a diffusion model: python run_emm.py --help.
-
-memdiff.py holds the science; this file is the run around it: options and the study's preset, one
-record and one lock per size (several processes may measure sizes of one folder at once), resume,
-the combined record, pictures, sweeps, the study's files (--export, --score) and torchrun's group.
-"""
+"""Estimate the effective model memorization (EMM) of a diffusion model: python run_emm.py --help."""
 
 import contextlib
 import dataclasses
@@ -12,7 +7,6 @@ import fcntl
 import functools
 import hashlib
 import io
-import itertools
 import json
 import os
 import platform
@@ -25,24 +19,18 @@ import click
 import numpy as np
 import PIL.Image
 import PIL.ImageDraw
-import PIL.ImageOps
 import torch
 
 import memdiff
 
-# The study's CIFAR-10 run [Gu et al., sec. 3; sail-sg/DiffMemorize scripts/*.md]: DDPM++ with VP,
-# 128 channels, dropout 0.13, Adam at 2e-4, batch 512, seed 1024, 40,000 epochs (2,000 Mimg at
-# 50k), ramp-up 200 epochs (|D|/5 kimg), EMA mode2 with a half-life of 10 epochs (0.5 Mimg at 50k),
-# durations rounded to whole kimg, a snapshot every 2.5M images, 10k samples per snapshot. NCSN++
-# runs VE with the Fourier embedding. Attention sits at half the resolution, as in every run.
+# The study's CIFAR-10 run [Gu et al., sec. 3; sail-sg/DiffMemorize scripts/*.md], in epochs of |D|.
 PAPER = dict(model_channels=128, channel_mult=(2, 2, 2), num_blocks=2, dropout=0.13, precond='vp',
              lr=2e-4, batch=512, epochs=40000.0, lr_rampup=200.0, ema_mode='mode2',
              ema_halflife=10.0, whole_kimg=True, snapshot_images=2_500_000, samples=10000, seed=1024)
-NCSNPP = dict(precond='ve', embedding='fourier')
+NCSNPP = dict(PAPER, precond='ve', embedding='fourier')     # NCSN++: VE, the Fourier embedding
 # The fields each option sets: given, it keeps the preset off them all (--train-steps its epochs).
 SETS = dict(ema=('ema_mode', 'ema_halflife', 'ema_beta'), train_steps=('train_steps', 'epochs'),
             snapshots=('snapshots', 'snapshot_spacing', 'snapshot_images'))
-NUMBER, BETA = r'(\d+\.?\d*|\.\d+)(e-?\d+)?', r'(0(\.\d*)?|1(\.0*)?|\.\d+)'
 
 #----------------------------------------------------------------------------
 # Options: typed and checked at the edge, then turned into one EMMConfig by make_config.
@@ -57,12 +45,12 @@ def option(group, *decls, **kwargs):
     return click.option(*decls, cls=Option, group=group, **kwargs)
 
 class Command(click.Command):
-    """--help lists the options under their groups, in the order they are declared."""
+    """--help lists the options under their five groups, in the order they are declared."""
     def format_options(self, ctx, formatter):
-        shown = [p for p in self.get_params(ctx) if p.get_help_record(ctx)]
-        for group, params in itertools.groupby(shown, lambda p: getattr(p, 'group', 'Run')):
+        shown = [(getattr(p, 'group', 'Run'), p.get_help_record(ctx)) for p in self.get_params(ctx)]
+        for group in ('Data', 'Network', 'Training', 'Evaluation', 'Run'):
             with formatter.section(f'{group} options'):
-                formatter.write_dl([p.get_help_record(ctx) for p in params])
+                formatter.write_dl([record for g, record in shown if g == group and record])
 
 class Pattern(click.ParamType):
     """Text that matches a regular expression (a label mode, an EMA, sizes, ...)."""
@@ -75,9 +63,8 @@ class Pattern(click.ParamType):
         return str(value)
 
 def make_config(opts, given):
-    """Options, and the preset where the command line gave none -> a checked memdiff.EMMConfig."""
-    fields = {f.name: c for c in (memdiff.EMMConfig, memdiff.TrainConfig)
-              for f in dataclasses.fields(c)}
+    """Options (the preset where none was given) -> an EMMConfig its data and network allow."""
+    fields = {f.name: c for c in (memdiff.EMMConfig, memdiff.TrainConfig) for f in dataclasses.fields(c)}
     v = {k: x for k, x in opts.items() if k in fields}      # options named after their fields
     v['skips'] = opts['skips'] and tuple(int(s) for s in opts['skips'].split(','))
     v['ema_mode'], _, value = opts['ema'].partition(':')
@@ -87,12 +74,9 @@ def make_config(opts, given):
     v.update(snapshots=int(count), snapshot_spacing=spacing or 'linear')
     if opts['preset'] == 'paper':                           # the command line wins
         mine = {k for name in given for k in SETS.get(name, (name,))}
-        v.update({k: x for k, x in {**PAPER, **(NCSNPP if v['arch'] == 'ncsnpp' else {})}.items()
-                  if k not in mine})
+        v.update({k: x for k, x in (NCSNPP if v['arch'] == 'ncsnpp' else PAPER).items() if k not in mine})
     train = memdiff.TrainConfig(**{k: v.pop(k) for k in list(v) if fields[k] is memdiff.TrainConfig})
     cfg = memdiff.EMMConfig(**v, train=train)
-    # Refused before anything runs: classes, a resolution or labels the data set cannot give (the
-    # data set says which), and a network that cannot be built (built without memory or time).
     images, labels = dataset(cfg.data, cfg.resolution, cfg.classes)
     label_dim = memdiff.assign_labels(labels, cfg.labels, len(images))[1]
     if not cfg.optimum:
@@ -100,27 +84,22 @@ def make_config(opts, given):
             memdiff.build_network(cfg, tuple(images.shape[1:]), label_dim)
     return cfg
 
-@functools.lru_cache(maxsize=4)
-def dataset(data, resolution, classes):
-    """The data set of a configuration (its classes, its resolution), loaded once per run."""
-    return memdiff.load_dataset(data, resolution, classes)
+dataset = functools.lru_cache(maxsize=4)(memdiff.load_dataset)    # each data set read once per run
 
 def config_hash(cfg):
     """Short hash of the configuration: the default output folder of a run."""
     return hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
 
 #----------------------------------------------------------------------------
-# Files. Every file is written whole or not at all. An output folder holds config.json, one record
-# per finished size (n16.json), the combined results.json / results.csv, and in work/ the lock and
-# the resume files of each size being measured.
+# Files, each written whole or not at all: config.json, n<size>.json, results.json/.csv and work/.
 POINT = ('size', 'ratio', 'ci', 'snapshots')                # what a size's record holds at least
 VERSIONS = dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__)
 
 def atomic_write(path, data):
-    """Write data (str, bytes, or a function writing to a binary file) to path via a rename."""
+    """Write data (text, or a function writing to a binary file) to path via a rename."""
     tmp = Path(f'{path}.{os.getpid()}.tmp')                 # one per process: writers may race
     with open(tmp, 'wb') as f:
-        data(f) if callable(data) else f.write(data.encode() if isinstance(data, str) else data)
+        data(f) if callable(data) else f.write(data.encode())
     os.replace(tmp, path)
 
 def read_json(path, keys=()):
@@ -141,16 +120,15 @@ def folder(path):
     path.mkdir(parents=True, exist_ok=True)
     return path
 
-@contextlib.contextmanager
 def locked(path, wait_message=None):
-    """Hold an exclusive lock on path (flock: the kernel frees it when its process dies)."""
-    with open(path, 'a') as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            click.echo(wait_message) if wait_message else None
-            fcntl.flock(f, fcntl.LOCK_EX)
-        yield
+    """path opened under an exclusive flock, for a with: closing it or the process dying frees it."""
+    f = open(path, 'a')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        click.echo(wait_message) if wait_message else None
+        fcntl.flock(f, fcntl.LOCK_EX)
+    return f
 
 def open_folder(outdir, cfg):
     """The output folder of cfg: created with config.json, or checked against the one it holds."""
@@ -170,11 +148,9 @@ def open_folder(outdir, cfg):
 def combine(outdir, cfg):
     """results.json and results.csv of every size recorded in outdir, sizes ascending."""
     with locked(outdir / 'work' / 'results.lock'):
-        points = sorted((read_json(p, POINT) for p in outdir.glob('n*.json')),
-                        key=lambda p: p['size'])
-        # The law's bootstrap is seeded here, once: the same points always give the same interval.
-        tau = None if cfg.optimum else memdiff.tau_law(points, cfg.samples, cfg.threshold,
-                                                       generator=torch.Generator().manual_seed(0))
+        points = sorted((read_json(p, POINT) for p in outdir.glob('n*.json')), key=lambda p: p['size'])
+        tau = None if cfg.optimum else memdiff.tau_law(   # seeded: same points, same interval
+            points, cfg.samples, cfg.threshold, generator=torch.Generator().manual_seed(0))
         record = dict(**memdiff.summarize(points, cfg.threshold), threshold=cfg.threshold, tau=tau,
                       points=points, config=cfg.to_dict())
         atomic_write(outdir / 'results.json', json.dumps(record, indent=1))
@@ -199,9 +175,7 @@ def say_duplicates(y, log, prefix=''):
             "as memorized, 'ratio_study' does not (the study)")
 
 #----------------------------------------------------------------------------
-# One size, and the search. A size is locked while one process measures it; a process that needs
-# it meanwhile waits and then reads its record. Its work/ files make an interruption resume from
-# the last scored snapshot, bit for bit.
+# One size, and the search: a size is locked while measured; work/ resumes it bit for bit.
 
 def measure_size(cfg, data, n, outdir, device, log, save=False):
     """The point of size n: read from outdir, or measured there (resuming from work/n<size>.pt)."""
@@ -216,9 +190,7 @@ def measure_size(cfg, data, n, outdir, device, log, save=False):
             return point[0]
         log(f'|D| = {n}: ' + ('sampling the closed-form optimum' if cfg.optimum else
                               f'training {cfg.train.total_steps(n)} steps'))
-        # One file, written whole after each scored snapshot: the snapshots so far, the samples of
-        # the best one, and the training state they were taken at.
-        try:
+        try:  # the resume file: the snapshots so far, the best one's samples, the training state
             work = torch.load(resume, map_location=device, weights_only=True) if resume.exists() \
                 else dict(snapshots=[], best=None, state=None)
             done, best = list(work['snapshots']), work['best']
@@ -227,17 +199,15 @@ def measure_size(cfg, data, n, outdir, device, log, save=False):
                              'delete it to measure this size from the start') from None
         y = memdiff.training_set(*data, n, cfg)[0]
         say_duplicates(y, log, f'|D| = {n}: ')
-        for snapshot, detail, state in memdiff.measure(*data, n, cfg, device, work['state'],
-                                                       progress_bar()):
+        for snap, detail, state in memdiff.measure(*data, n, cfg, device, work['state'], progress_bar()):
             if rank == 0 and save:
-                save_samples(outdir / f"samples_n{n}_step{snapshot['step']}.npz", detail)
-            if all(snapshot['ratio'] > s['ratio'] for s in done):
+                save_samples(outdir / f"samples_n{n}_step{snap['step']}.npz", detail)
+            if all(snap['ratio'] > s['ratio'] for s in done):
                 best = detail['samples'][:64].cpu()
-            done.append(snapshot)
+            done.append(snap)
             state = state and state()                       # every rank: it gathers their streams
             if rank == 0 and state:
-                atomic_write(resume, lambda f: torch.save(dict(snapshots=done, best=best,
-                                                               state=state), f))
+                atomic_write(resume, lambda f: torch.save(dict(snapshots=done, best=best, state=state), f))
         point = dict(memdiff.best_point(n, done, cfg.threshold), world_size=world, versions=VERSIONS)
         if rank == 0:
             atomic_write(outdir / f'samples_n{n}.png', lambda f: sample_grid(
@@ -263,23 +233,19 @@ def emm_search(cfg, outdir, sizes, tolerance, device, log, save=False):
     outdir = open_folder(outdir, cfg) if rank == 0 else Path(outdir)
     if world > 1:
         torch.distributed.barrier()                         # the folder exists for every rank
-
-    def ratio_at(n):
-        return measure_size(cfg, data, n, outdir, device, log, save)['ratio']
+    ratio_at = lambda n: measure_size(cfg, data, n, outdir, device, log, save)['ratio']
     status = memdiff.find_emm(ratio_at, *asked, cfg.threshold, tolerance=tolerance)['status'] \
         if isinstance(sizes, slice) else [ratio_at(n) for n in sizes] and 'grid'
-    if rank != 0:
-        return None
-    record = dict(combine(outdir, cfg), search=status)
-    try:
-        plot_memorization(outdir / 'memorization.png', record, cfg.threshold, not cfg.optimum)
-    except ImportError:
-        log("(memorization.png needs matplotlib: pip install 'memdiff[plot]')")
-    print_table(record, cfg)
-    return record
+    if rank == 0:                                           # the other ranks return None
+        record = dict(combine(outdir, cfg), search=status)
+        try:
+            plot_memorization(outdir / 'memorization.png', record, cfg.threshold, not cfg.optimum)
+        except ImportError:
+            log("(memorization.png needs matplotlib: pip install 'memdiff[plot]')")
+        print_table(record, cfg)
+        return record
 
 #----------------------------------------------------------------------------
-
 @click.command(cls=Command, context_settings=dict(help_option_names=['-h', '--help'],
                                                   max_content_width=100), epilog="""\b
 Examples:
@@ -315,14 +281,13 @@ Examples:
         default=0.0, help='Dropout in the residual blocks.')
 @option('Training', '--lr', metavar='FLOAT', type=click.FloatRange(0, min_open=True), default=1e-3,
         help='Adam learning rate.')
-@option('Training', '--batch', metavar='INT', type=click.IntRange(min=1), default=64,
-        help='Global batch.')
+@option('Training', '--batch', metavar='INT', type=click.IntRange(min=1), default=64, help='Global batch.')
 @option('Training', '--weight-decay', metavar='FLOAT', type=click.FloatRange(min=0), default=0.0,
         help='L2 weight decay inside Adam.')
 @option('Training', '--ema', metavar='MODE', default='mode1:10', help="The study's EMA: mode1:H, "
         'mode2:H (half-life H epochs), mode3, mode4:BETA, fixed:BETA.', type=Pattern(
-            rf'mode[12]:{NUMBER}|mode3|(mode4|fixed):{BETA}', 'mode1:H, mode2:H, mode3, mode4:BETA '
-            'or fixed:BETA (H in epochs, BETA in [0, 1])'))
+            r'mode[12]:(\d+\.?\d*|\.\d+)(e-?\d+)?|mode3|(mode4|fixed):(0(\.\d*)?|1(\.0*)?|\.\d+)',
+            'mode1:H, mode2:H, mode3, mode4:BETA or fixed:BETA (H in epochs, BETA in [0, 1])'))
 @option('Training', '--train-steps', '--steps', 'train_steps', metavar='INT', default=1500,
         type=click.IntRange(min=1), help='Training steps per size (unless --epochs).')
 @option('Training', '--epochs', metavar='FLOAT', type=click.FloatRange(0, min_open=True),
@@ -366,13 +331,11 @@ def main(ctx, **opts):
     on different sizes of one OUTDIR share its records.
     """
     given = {k for k in opts if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
-    lo, colon, hi = opts['sizes'].partition(':')
-    opts['sizes'] = slice(int(lo), int(hi) if hi else None) if colon else \
-        tuple(int(n) for n in opts['sizes'].split(','))
+    lo, colon, hi = opts['sizes'].partition(':')                 # LO:HI, or N,M,... whole in lo
+    opts['sizes'] = slice(int(lo), int(hi) if hi else None) if colon else tuple(map(int, lo.split(',')))
     try:
         if opts['export']:
-            return export_training_set(make_config(opts, given), opts['sizes'], opts['export'],
-                                       opts['force'])
+            return export_zip(make_config(opts, given), opts['sizes'], opts['export'], opts['force'])
         device, rank, world = init_distributed(opts['device'])
         log = click.echo if rank == 0 else (lambda *a: None)
         if opts['score_path']:
@@ -391,7 +354,7 @@ def main(ctx, **opts):
             records.append((value, emm_search(cfg, outdir, opts['sizes'], opts['tolerance'], device,
                                               log, opts['save_samples'])))
         if records and factor and rank == 0:
-            write_sweep(opts['outdir'] or 'runs', factor, records)
+            write_sweep(folder(Path(opts['outdir'] or 'runs')), factor, records)
         close_distributed()
     except ValueError as e:
         raise click.ClickException(str(e)) from None
@@ -402,14 +365,12 @@ def main(ctx, **opts):
 
 def init_distributed(device_name='auto'):
     """Join the torchrun process group when launched by torchrun -> (device, rank, world_size)."""
-    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu') \
-        if device_name == 'auto' else torch.device(device_name)
+    device = torch.device(device_name.replace('auto', 'cuda' if torch.cuda.is_available() else 'cpu'))
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f'device {device_name!r}: this machine has no CUDA GPU (use cpu)')
     if int(os.environ.get('WORLD_SIZE', '1')) > 1 and not torch.distributed.is_initialized():
-        # A size another job is measuring may keep rank 0 waiting long: the group waits with it.
-        torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
-                                             timeout=datetime.timedelta(days=7))
+        torch.distributed.init_process_group(   # rank 0 may wait long for a size another job holds
+            'nccl' if device.type == 'cuda' else 'gloo', timeout=datetime.timedelta(days=7))
     if device.type == 'cuda' and device.index is None:
         device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
         torch.cuda.set_device(device)
@@ -417,10 +378,9 @@ def init_distributed(device_name='auto'):
 
 def close_distributed():
     """Leave the torchrun process group once every rank is done (rank 0 may still be writing)."""
-    # A process that exits with the group still open can abort in gloo's threads at shutdown.
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        torch.distributed.destroy_process_group()       # left open, gloo's threads can abort at exit
 
 def sweep_values(ctx, opts):
     """'--sweep option=v1,v2' -> [(value text, options with that value)], values typed by click."""
@@ -457,7 +417,7 @@ def dry_run(cfg, sizes):
 #----------------------------------------------------------------------------
 # The study's files: its training sets (--export) and its snapshots (--score).
 
-def export_training_set(cfg, sizes, path, force=False):
+def export_zip(cfg, sizes, path, force):
     """The set of size N (sizes = (N,)) -> path, as the study's dataset tools write it."""
     if not path.lower().endswith('.zip') or Path(path).is_dir():
         raise click.BadParameter(f'{path!r} must be a file ending in .zip', param_hint='--export')
@@ -472,8 +432,7 @@ def export_training_set(cfg, sizes, path, force=False):
     if y.shape[1] not in (1, 3):
         raise click.BadParameter(f'the study writes RGB or grayscale images, not {y.shape[1]} '
                                  'channels', param_hint='--data')
-    # dataset_utils/dataset_size.py and its variants: an uncompressed zip of uncompressed PNGs
-    # 00000/img00000000.png.. in class-sorted order, then dataset.json {"labels": [[name, label]..]}.
+    # As dataset_utils/dataset_size.py: stored PNGs 00000/img00000000.png.. then dataset.json.
     names = [f'{i // 1000:05d}/img{i:08d}.png' for i in range(len(y))]
 
     def write(f):
@@ -498,9 +457,8 @@ def score_snapshots(opts, device, log):
     files = sorted(path.glob('network-snapshot-*.pkl')) if path.is_dir() else [path] * path.exists()
     if not files:
         raise ValueError(f'{path}: no such file, or a folder without network-snapshot-*.pkl')
-    # The training set of size n by the study's rule, or the whole data set (the study's own zip).
-    y = (memdiff.training_set(images, labels, sizes[0], memdiff.EMMConfig())[0]
-         if isinstance(sizes, tuple) else images).to(device)
+    y = (memdiff.training_set(images, labels, sizes[0], memdiff.EMMConfig())[0]  # the study's rule,
+         if isinstance(sizes, tuple) else images).to(device)    # or all of --data (its own zip)
     outdir = opts['outdir'] and folder(Path(opts['outdir']))
     say_duplicates(y, log)
     rows = []
@@ -510,8 +468,7 @@ def score_snapshots(opts, device, log):
         if shape != tuple(y.shape[1:]):
             raise ValueError(f'{file}: the network makes images of shape {shape}, the training set '
                              f'holds {tuple(y.shape[1:])}')
-        x, c = memdiff.generate(net, opts['samples'], shape, net.label_dim, device,
-                                progress=progress_bar())
+        x, c = memdiff.generate(net, opts['samples'], shape, net.label_dim, device, progress=progress_bar())
         summary, scores = memdiff.score(x, y)
         rows.append(dict(snapshot=file.name, **summary))
         study = f", the study's rule {summary['ratio_study']:.4f}" if 'ratio_study' in summary else ''
@@ -523,9 +480,8 @@ def score_snapshots(opts, device, log):
     log(f'\nbest of {len(rows)}: {best["snapshot"]}, memorization ratio {best["ratio"]:.4f} '
         f'against |D| = {len(y)} of {opts["data"]}')
     if outdir and rank == 0:
-        atomic_write(outdir / 'score.json', json.dumps(dict(
-            size=len(y), data=opts['data'], samples=opts['samples'], best=best, snapshots=rows,
-            versions=VERSIONS), indent=1))
+        score = dict(size=len(y), data=opts['data'], samples=opts['samples'], best=best, snapshots=rows)
+        atomic_write(outdir / 'score.json', json.dumps(dict(score, versions=VERSIONS), indent=1))
     close_distributed()
 
 #----------------------------------------------------------------------------
@@ -534,14 +490,12 @@ def score_snapshots(opts, device, log):
 class Progress:
     """click progress bars on stderr for training steps and sampling evaluations."""
     bar = None
-
     def __call__(self, kind, done, total):
         label = f'  {kind:<7}'
         if self.bar is None or self.bar.label != label or done < self.bar.pos:
             if self.bar:
                 self.bar.render_finish()                    # the next bar starts a new line
-            self.bar = click.progressbar(length=total, label=label, file=sys.stderr,
-                                         show_pos=True, width=30)
+            self.bar = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True, width=30)
         self.bar.update(done - self.bar.pos)
         if done >= total:
             self.bar = self.bar.render_finish()
@@ -561,9 +515,8 @@ def print_table(record, cfg):
         columns += [('best step', 9, fmt('best_step', 'd')), ('tau_mem', 7, fmt('tau_mem', '.0f')),
                     ('share', 6, fmt('share', '.3f')), ('gap', 7, fmt('gap', '.2f'))]
     columns.append(('memorizes', 9, lambda p: 'yes' if p['ratio'] >= cfg.threshold else 'no'))
-    click.echo()
-    for row in [None] + record["points"]:
-        click.echo('  '.join(f'{name if row is None else cell(row)!s:>{w}}' for name, w, cell in columns))
+    click.echo('\n' + '\n'.join('  '.join(f'{name if p is None else cell(p)!s:>{w}}'
+                                          for name, w, cell in columns) for p in [None] + record['points']))
     crossing = f' (interpolated crossing {record["crossing"]:.0f})' if record['crossing'] else ''
     emm = record['emm'] if record['emm'] is not None else 'none (below the smallest size)'
     click.echo(f'\nEMM at {cfg.threshold:.0%}: {emm}{crossing}   [{record.get("search", "")}]')
@@ -572,11 +525,11 @@ def print_table(record, cfg):
         click.echo(f"tau_mem = {law['prefactor']:.3g} |D|^{law['exponent']:.2f} ({ci}) over "
                    f"|D| = {', '.join(str(n) for n in law['sizes'])}")
 
-def sample_grid(samples, reference, mem_threshold=1/3, columns=4, scale=None):
+def sample_grid(samples, reference, mem_threshold=1/3, columns=4):
     """PIL image: samples beside their two nearest training images, d1/d2 below, red: memorized."""
     d, idx = memdiff.nearest_distinct(samples, reference)   # [B, 2], as the metric
     triples = memdiff.to_uint8(torch.stack([samples, reference[idx[:, 0]], reference[idx[:, 1]]], 1))
-    scale = scale or max(1, 64 // triples.shape[-1])        # tiny images are enlarged to be seen
+    scale = max(1, 64 // triples.shape[-1])                 # tiny images are enlarged to be seen
     triples = triples.repeat_interleave(scale, 3).repeat_interleave(scale, 4)  # [B, 3, C, H, W]
     tile = triples.shape[-1] + 2 * 3                        # an image in a 3-pixel frame; 8 pixels
     width, height = 3 * tile + 8, tile + 12                 # between triples, 12 for the caption
@@ -586,8 +539,8 @@ def sample_grid(samples, reference, mem_threshold=1/3, columns=4, scale=None):
         x, y, red = b % columns * width, b // columns * height, d1_d2 < mem_threshold
         for k, image in enumerate(triple.permute(0, 2, 3, 1).squeeze(-1).numpy()):
             frame = (220, 30, 30) if k == 0 and red else (200, 200, 200)
-            image = PIL.Image.fromarray(image).convert('RGB')
-            grid.paste(PIL.ImageOps.expand(image, 3, frame), (x + k * tile, y))
+            draw.rectangle((x + k * tile, y, x + (k + 1) * tile - 1, y + tile - 1), fill=frame)
+            grid.paste(PIL.Image.fromarray(image).convert('RGB'), (x + k * tile + 3, y + 3))
         draw.text((x + 2, y + tile), f'{d1_d2:.2f}', fill=(220, 30, 30) if red else (0, 0, 0))
     return grid
 
@@ -600,8 +553,7 @@ def plot_memorization(path, record, threshold, trained=True):
     sizes = [p['size'] for p in points]
     fig, (axes,) = plt.subplots(1, 4 if trained else 1, figsize=(18 if trained else 5, 4), dpi=110,
                                 squeeze=False)
-    axes[0].fill_between(sizes, [p['ci'][0] for p in points], [p['ci'][1] for p in points],
-                         alpha=0.25, label='95% Wilson interval')
+    axes[0].fill_between(sizes, *zip(*(p['ci'] for p in points)), alpha=0.25, label='95% Wilson interval')
     axes[0].plot(sizes, [p['ratio'] for p in points], 'o-', label='best snapshot')
     if record.get('emm') is not None:
         axes[0].axvline(record['emm'], color='C3', ls=':', label=f"EMM = {record['emm']}")
@@ -620,11 +572,10 @@ def plot_memorization(path, record, threshold, trained=True):
     titles = ['ratio against |D|', 'ratio against step (x: tau_mem)', 'ratio against step / |D|',
               'optimum share (o-), held-out gap (s--)']
     for k, (ax, x, title) in enumerate(zip(axes, xlabels, titles)):
-        ax.set(xscale='log', xlabel=x, title=title)
+        ax.set(xscale='log', xlabel=x, title=title)         # a log scale resets the ticks: set below
         ax.axhline(0.5 if k == 3 else threshold, color='k', ls='--', lw=0.8)
         ax.legend(fontsize=7)
-    axes[0].set(ylabel='memorization ratio')
-    axes[0].set_xticks(sizes, [str(n) for n in sizes], minor=False)   # after the log scale
+    axes[0].set(ylabel='memorization ratio', xticks=sizes, xticklabels=[str(n) for n in sizes])
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format='png'))
     plt.close(fig)
@@ -635,12 +586,10 @@ def write_sweep(base, factor, records):
     rows = [[factor, 'EMM', 'crossing'] + [f'n={n}' for n in sizes]]
     for value, r in records:
         at = {p['size']: p['ratio'] for p in r['points']}
-        rows.append([value, '-' if r['emm'] is None else str(r['emm']),
-                     '-' if r['crossing'] is None else f"{r['crossing']:.0f}"]
+        rows.append([value, str(r['emm'] or '-'), f"{r['crossing']:.0f}" if r['crossing'] else '-']
                     + [f'{at[n]:.3f}' if n in at else '' for n in sizes])
     widths = [max(map(len, column)) for column in zip(*rows)]
     click.echo('\n' + '\n'.join('  '.join(c.rjust(w) for c, w in zip(row, widths)) for row in rows))
-    base = folder(Path(base))
     atomic_write(base / f'sweep-{factor}.csv', '\n'.join(','.join(r) for r in rows) + '\n')
     atomic_write(base / f'sweep-{factor}.json', json.dumps([dict(
         value=v, emm=r['emm'], crossing=r['crossing'],
