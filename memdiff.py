@@ -1064,10 +1064,9 @@ def _gather_states(state):
     return states
 
 #----------------------------------------------------------------------------
-# 9. Measurement and EMM search [1, sec. 3, eq. 5]. A size's memorization ratio: at each snapshot,
-# sample the EMA network from the study's seeds, round to the 8-bit grid as the study saved its
-# samples, score them against the training set, and keep the highest over the snapshots.
-# EMM_eps = max{ |D| : E[R] >= 1 - eps }, searched by doubling and bisection.
+# 9. Measurement and EMM search [1, sec. 3, eq. 5]. A size's memorization ratio is the highest over
+# the snapshots of the EMA network's samples (the study's seeds, rounded to 8 bits as it saved them)
+# scored against the training set; EMM_eps = max{|D| : E[R] >= 1 - eps}, by doubling and bisection.
 
 @dataclass
 class EMMConfig:
@@ -1090,10 +1089,7 @@ class EMMConfig:
     threshold: float = 0.9          # 1 - eps, eps = 0.1: the EMM's memorization ratio
     mem_threshold: float = 1 / 3    # d1/d2 below this: a sample is memorized
     seed: int = 0                   # training: initial weights, data order, noise
-
-    @property
-    def optimum(self):
-        return self.arch == 'optimum'
+    optimum = property(lambda self: self.arch == 'optimum')  # not a field: D* itself, no training
 
     def to_dict(self):
         return json.loads(json.dumps(asdict(self)))        # tuples -> lists, as read back from JSON
@@ -1102,11 +1098,10 @@ def build_network(cfg, shape, label_dim):
     """The U-Net and its preconditioning for images of shape (C, H, W)."""
     C, H, _ = shape
     attn = (H // 2,) if cfg.attn_resolutions is None else tuple(cfg.attn_resolutions)
-    net = UNet(H, C, C, label_dim=label_dim, model_channels=cfg.model_channels,
-               channel_mult=tuple(cfg.channel_mult), num_blocks=cfg.num_blocks,
-               attn_resolutions=attn, dropout=cfg.dropout, arch=cfg.arch,
-               embedding=cfg.embedding, skips=cfg.skips)
-    return Precond(net, kind=cfg.train.precond)
+    return Precond(UNet(H, C, C, label_dim=label_dim, model_channels=cfg.model_channels,
+                        channel_mult=tuple(cfg.channel_mult), num_blocks=cfg.num_blocks,
+                        attn_resolutions=attn, dropout=cfg.dropout, arch=cfg.arch,
+                        embedding=cfg.embedding, skips=cfg.skips), kind=cfg.train.precond)
 
 def training_set(images, labels, n, cfg):
     """The study's training set of size n -> (y [n,C,H,W] class-sorted, labels [n] or None, label_dim)."""
@@ -1115,15 +1110,13 @@ def training_set(images, labels, n, cfg):
     return images[idx], c, label_dim
 
 def study_latents(seeds, shape, label_dim, device):
-    """Latents [B, C, H, W] and class indices [B] (or None) of the study's sample seeds."""
-    # As the study's generator: one generator per seed, on the sampling device, draws the latent
-    # and then, for a conditional network, the class. The same seeds give the same samples.
+    """Latents [B,C,H,W] and classes [B] (or None) of the study's seeds, drawn as its sampler did."""
     z = torch.empty(len(seeds), *shape, device=device)
     c = torch.empty(len(seeds), dtype=torch.long, device=device)
     for k, s in enumerate(seeds):
-        g = torch.Generator(device).manual_seed(int(s) % (1 << 32))
+        g = torch.Generator(device).manual_seed(int(s) % (1 << 32))  # one per seed, on the device
         z[k] = torch.randn(shape, generator=g, device=device)
-        if label_dim:
+        if label_dim:                                       # then a conditional network's class
             c[k] = torch.randint(label_dim, size=[], generator=g, device=device)
     return z, c if label_dim else None
 
@@ -1134,7 +1127,6 @@ def generate(denoise, num, shape, label_dim, device, num_steps=18, batch=1000, p
     sigma_min, sigma_max = sigma_range(denoise)             # the counting wrapper declares none
     if progress is not None:                                # count network evaluations for a bar
         total, calls, inner = math.ceil(num / batch) * (2 * num_steps - 1), [0], denoise
-
         def denoise(x, sigma, labels):
             calls[0] += 1
             progress('sample', calls[0], total)
@@ -1148,8 +1140,7 @@ def generate(denoise, num, shape, label_dim, device, num_steps=18, batch=1000, p
         cs.append(c if c is None else _gather_rows(c, len(seeds)))
     return torch.cat(xs), (torch.cat(cs) if label_dim else None)
 
-def _gather_rows(x, total):
-    """Re-interleave rows drawn as [rank::world] on each rank into their original order [total, ...]."""
+def _gather_rows(x, total):             # rows [rank::world] of every rank -> [total, ...], in order
     rank, world = dist_info()
     if world == 1:
         return x
@@ -1160,20 +1151,17 @@ def _gather_rows(x, total):
     return torch.stack(parts, 1).reshape(-1, *x.shape[1:])[:total]
 
 def score(samples, y, mem_threshold=1/3):
-    """Memorization of samples [B,...] against the training set y [n,...] -> (dict(ratio, ci, and
-    ratio_study, duplicates when y holds copies), per sample dict(d1, d2 [B], index [B, 2] into y))."""
+    """Samples [B,...] vs the training set y -> (dict(ratio, ci, ...), dict(d1, d2 [B], index [B, 2]))."""
     B = len(samples)
     if B == 0 or not torch.isfinite(samples).all():
         raise ValueError(f'{int((~torch.isfinite(samples.flatten(1))).any(1).sum())} of {B} '
                          'samples are NaN or infinite' if B else 'score needs at least one sample')
-    # Under torchrun each rank searches the nearest neighbours of its rows [rank::world] only; the
-    # gathered distances are the same on every rank, so every rank reaches the same next size.
-    rank, world = dist_info()
+    rank, world = dist_info()               # each rank searches its rows; gathered, all ranks agree
     x = quantize_uint8(samples[rank::world])
     d, index = (_gather_rows(t, B) for t in nearest_distinct(x, y))
     k = int((d[:, 0] / d[:, 1] < mem_threshold).sum())
     out = dict(ratio=k / B, ci=list(wilson_interval(k, B)))
-    if count := duplicates(y):                              # the study's rule: no deduplication
+    if count := duplicates(y):              # copies in y: the study's ratio too (no deduplication)
         d_study = _gather_rows(nearest_neighbors(x, y, k=2)[0], B)
         out.update(ratio_study=int((d_study[:, 0] / d_study[:, 1] < mem_threshold).sum()) / B,
                    duplicates=count)
