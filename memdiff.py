@@ -1167,39 +1167,29 @@ def score(samples, y, mem_threshold=1/3):
                    duplicates=count)
     return out, dict(d1=d[:, 0], d2=d[:, 1], index=index)
 
-# Probes: which closed form does the network follow [5, 6]? At every snapshot the EMA network, D*
-# and D_G denoise the same noisy training and held-out images (the last of each class, which the
-# first-k rule leaves out) at PROBE_SIGMAS levels log-spaced over the sampler's range. Per level and
-# side: the loss lambda(sigma) ||D(y + sigma n) - y||^2 and the RMS distance per pixel to D* and to
-# D_G (clean-image estimates, so no lambda), then their means under the loss's density p(sigma).
-# The optimum share s = d(net, D_G) / (d(net, D*) + d(net, D_G)) of the training side is 1 when the
-# network denoises its training images as D* does (back to the image), 0 as D_G does. On held-out
-# images a network with c_out ~ sigma stays near its input at small sigma whatever it learned, while
-# D* jumps to the nearest training image: that side measures the data more than the network, so it
-# is recorded beside the share, not in it.
+# Probes [5, 6]: does the network denoise as D* or as D_G? Its share s = d(net, D_G) / (d(net, D*) +
+# d(net, D_G)) on noisy training images is 1 as D* (back to the image), 0 as D_G. Held-out images are
+# kept apart: at small sigma D* jumps to a training image, a c_out ~ sigma net stays near its input.
 PROBE_IMAGES, PROBE_SIGMAS, PROBE_SEED = 64, 16, 0  # images a side (about), noise levels, seed
 
 def probe_set(images, labels, n, cfg):
-    """Fixed probe inputs of size n -> dict(y [P,C,H,W], held [P] bool, labels [P] or None,
-    noise [P, PROBE_SIGMAS, C, H, W]); each slot keeps its noise across sizes."""
+    """Probe inputs of size n -> dict(y [P,C,H,W], held [P], labels [P] or None, noise [P,K,C,H,W])."""
     y, c, label_dim = training_set(images, labels, n, cfg)
     mine = torch.linspace(0, n - 1, min(n, PROBE_IMAGES)).round().long()  # spread over the classes
-    other = held_out(labels if labels is not None else len(images), n, PROBE_IMAGES)
-    g = torch.Generator().manual_seed(PROBE_SEED)
+    other = held_out(labels if labels is not None else len(images), n, PROBE_IMAGES)  # last of a class
+    g = torch.Generator().manual_seed(PROBE_SEED)           # each slot keeps its noise across sizes
     noise = torch.randn([2, max(PROBE_IMAGES, len(other)), PROBE_SIGMAS, *images.shape[1:]],
                         generator=g)
-    probes = dict(y=torch.cat([y[mine], images[other]]), labels=None,
-                  held=torch.arange(len(mine) + len(other)) >= len(mine),
-                  noise=torch.cat([noise[0, :len(mine)], noise[1, :len(other)]]))
     if label_dim:                                           # held out: true class, else the sampler's
         drawn = torch.randint(label_dim, [len(other)], generator=g)
-        probes['labels'] = torch.cat([c[mine], labels[other] if cfg.labels == 'true' else drawn])
-    return probes
+        c = torch.cat([c[mine], labels[other] if cfg.labels == 'true' else drawn])
+    return dict(y=torch.cat([y[mine], images[other]]), labels=c if label_dim else None,
+                held=torch.arange(len(mine) + len(other)) >= len(mine),
+                noise=torch.cat([noise[0, :len(mine)], noise[1, :len(other)]]))
 
 @torch.no_grad()
 def probe(precond, probes, optimum, gaussian, sigma_min=0.002, sigma_max=80):
-    """precond against D* and D_G on the probe inputs -> dict(share, loss_train, loss_held, gap,
-    dist_opt, dist_gauss (training side), probe=dict of those per level and the held-out side's)."""
+    """precond vs D* and D_G on probes -> dict(loss_train/held, dist_opt/gauss, share, gap, probe)."""
     lo, hi = sigma_range(precond, sigma_min, sigma_max)
     sigma = torch.logspace(math.log10(lo), math.log10(hi), PROBE_SIGMAS, dtype=torch.float64)
     y, held, c = probes['y'], probes['held'], probes['labels']
@@ -1217,12 +1207,10 @@ def probe(precond, probes, optimum, gaussian, sigma_min=0.002, sigma_max=80):
             for name, e in zip(names, (loss, d_opt, d_gauss)):
                 v = e[mask].mean().item() if mask.any() else math.nan
                 rows[name].append(v if name.startswith('loss') else math.sqrt(v))  # RMS per pixel
-    p = sigma_density(precond, sigma).tolist()
-
-    def mean(values):                                       # weighted by p over finite values
-        pairs = [(w, v) for w, v in zip(p, values) if math.isfinite(v)]
-        return sum(w * v for w, v in pairs) / sum(w for w, _ in pairs) if pairs else None
-    out = {k: mean(rows[k]) for k in ('loss_train', 'loss_held', 'dist_opt', 'dist_gauss')}
+    p, out = sigma_density(precond, sigma).tolist(), {}     # the loss's density of the levels
+    for k in ('loss_train', 'loss_held', 'dist_opt', 'dist_gauss'):     # p-weighted, finite levels
+        pairs = [(w, v) for w, v in zip(p, rows[k]) if math.isfinite(v)]
+        out[k] = sum(w * v for w, v in pairs) / sum(w for w, _ in pairs) if pairs else None
     total = out['dist_opt'] + out['dist_gauss']
     out.update(share=out['dist_gauss'] / total if total > 0 else None,
                gap=None if out['loss_held'] is None else out['loss_held'] - out['loss_train'])
