@@ -1218,40 +1218,30 @@ def probe(precond, probes, optimum, gaussian, sigma_min=0.002, sigma_max=80):
     return dict(out, probe=dict(sigma=sigma.tolist(), weight=[w / sum(p) for w in p], **rows))
 
 def measure(images, labels, n, cfg, device=torch.device('cpu'), resume=None, progress=None):
-    """Memorization of the training set of size n -> yields (snapshot, samples, state) per snapshot."""
-    # snapshot: step, ratio, ci (ratio_study, duplicates; unconditional for the optimum) and the
-    # probe's; samples: samples [B,C,H,W], classes [B] and score's d1, d2, index; state and resume
-    # as in train(). The optimum yields one snapshot, at step 0, and no state.
+    """Memorization at size n -> yields (snapshot, dict(samples, classes, d1, d2, index), train's state)."""
     y, c, label_dim = training_set(images, labels, n, cfg)
-    y, c = y.to(device), None if c is None else c.to(device)
+    y, c, shape = y.to(device), None if c is None else c.to(device), tuple(y.shape[1:])
     optimum, gaussian = OptimalDenoiser(y.double(), c), GaussianDenoiser(y, c)
-    probes = {k: v if v is None else v.to(device)
-              for k, v in probe_set(images, labels, n, cfg).items()}
-
-    def evaluate(denoise, step):
-        x, cx = generate(denoise, cfg.samples, tuple(y.shape[1:]), label_dim, device, cfg.num_steps,
-                         progress=progress)
-        try:
-            summary, scores = score(x, y, cfg.mem_threshold)
-        except ValueError as e:
-            raise ValueError(f'sampling diverged at step {step} (|D| = {n}): {e}') from None
-        snapshot = dict(step=step, **summary)
+    probes = {k: v if v is None else v.to(device) for k, v in probe_set(images, labels, n, cfg).items()}
+    runs = [(0, optimum, None)]                             # the optimum: one snapshot, no state
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else [], enabled=not cfg.optimum):
         if not cfg.optimum:
-            snapshot.update(probe(denoise, probes, optimum, gaussian))
-        elif c is not None:                                 # samples of a class with no image
-            snapshot['unconditional'] = int(optimum.unseen(cx).sum())
-        return snapshot, dict(samples=x, classes=cx, **scores)
-
-    if cfg.optimum:
-        yield *evaluate(optimum, 0), None
-        return
-    # Initial weights and dropout masks come from torch's global generator: seed it, inside a
-    # fork so that the caller's random state is left as it was.
-    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
-        torch.manual_seed(cfg.seed)
-        precond = build_network(cfg, tuple(y.shape[1:]), label_dim).to(device)
-        for step, ema, state in train(precond, y, c, cfg.train, cfg.seed, resume, progress):
-            yield *evaluate(ema, step), state
+            torch.manual_seed(cfg.seed)                     # weights, dropout; the fork restores it
+            precond = build_network(cfg, shape, label_dim).to(device)
+            runs = train(precond, y, c, cfg.train, cfg.seed, resume, progress)
+        for step, denoise, state in runs:
+            x, cx = generate(denoise, cfg.samples, shape, label_dim, device, cfg.num_steps,
+                             progress=progress)
+            try:
+                summary, scores = score(x, y, cfg.mem_threshold)
+            except ValueError as e:
+                raise ValueError(f'sampling diverged at step {step} (|D| = {n}): {e}') from None
+            snapshot = dict(step=step, **summary)
+            if not cfg.optimum:
+                snapshot.update(probe(denoise, probes, optimum, gaussian))
+            elif c is not None:                             # samples of a class with no image
+                snapshot['unconditional'] = int(optimum.unseen(cx).sum())
+            yield snapshot, dict(samples=x, classes=cx, **scores), state
 
 def best_point(n, snapshots, threshold=0.9):
     """A size's point: its best snapshot's ratio, ci, share and gap (the study keeps the highest),
