@@ -1244,8 +1244,7 @@ def measure(images, labels, n, cfg, device=torch.device('cpu'), resume=None, pro
             yield snapshot, dict(samples=x, classes=cx, **scores), state
 
 def best_point(n, snapshots, threshold=0.9):
-    """A size's point: its best snapshot's ratio, ci, share and gap (the study keeps the highest),
-    and the onset of memorization tau_mem with its bracket."""
+    """A size's point: the best snapshot's ratio, ci, share, gap (the study keeps the highest), tau_mem."""
     best = max(snapshots, key=lambda s: s['ratio'])
     tau, bracket = tau_mem(snapshots, threshold)
     return dict(size=n, ratio=best['ratio'], ci=best['ci'], best_step=best['step'], tau_mem=tau,
@@ -1253,46 +1252,33 @@ def best_point(n, snapshots, threshold=0.9):
                 **{k: best[k] for k in ('ratio_study', 'duplicates', 'share', 'gap') if k in best})
 
 def find_emm(ratio_at, lo, hi, threshold=0.9, step=1, tolerance=0.0, known=None):
-    """EMM_eps = max{N : E[R] >= 1 - eps} [1, eq. 5], threshold = 1 - eps, over the multiples of step
-    in [lo, hi] -> dict(emm, crossing, status, evaluated [(n, ratio)] in search order): doubling from
-    lo, then bisection to a bracket one step wide or under tolerance * its lower end; ratio_at is
-    called once per size at most, never for sizes in `known` ({n: ratio})."""
+    """EMM_eps = max{N : E[R] >= 1 - eps} [1, eq. 5] (threshold = 1 - eps) over the multiples of step
+    in [lo, hi] -> dict(emm, crossing, status, evaluated [(n, ratio)] in search order)."""
     if not (step >= 1 and lo >= step and hi >= lo):
         raise ValueError(f'need 1 <= step <= lo <= hi, got step={step}, lo={lo}, hi={hi}')
     lo, hi = math.ceil(lo / step) * step, hi // step * step
     if lo > hi:
         raise ValueError(f'no size in the range is a multiple of the step {step}')
     known, evaluated = dict(known or {}), []
-
-    def passes(n):
-        if n not in known:
-            known[n] = float(ratio_at(n))
+    def passes(n):                                          # ratio_at(n) at most once, not if known
+        known[n] = known[n] if n in known else float(ratio_at(n))
         evaluated.append((n, known[n]))
         return known[n] >= threshold
-
     passing, failing, n = None, None, lo
     while failing is None and passing != hi:                # doubling: a failing size above a pass
         passing, failing = (n, None) if passes(n) else (passing, n)
         n = min(2 * n, hi)
-    while passing is not None and failing is not None \
-            and failing - passing > tolerance * passing:   # bisection of the bracket
-        mid = (passing + failing) // 2 // step * step
-        if mid <= passing:                                  # the bracket is one step wide
-            break
+    while passing is not None and failing is not None and failing - passing > tolerance * passing \
+            and (mid := (passing + failing) // 2 // step * step) > passing:  # bisection, to one step
         passing, failing = (mid, failing) if passes(mid) else (passing, mid)
-    if passing is None:
-        status = f'below range: the ratio at the smallest size {lo} is under {threshold}'
-    elif failing is None:
-        status = f'above range: every size up to {hi} memorizes (EMM >= {hi})'
-    else:
-        status = 'bracketed'
-    # Every size evaluated above the last pass failed: the bracket is summarize's pair of sizes.
-    points = [dict(size=n, ratio=r) for n, r in evaluated]
+    status = (f'below range: the ratio at the smallest size {lo} is under {threshold}' if passing is None
+              else f'above range: every size up to {hi} memorizes (EMM >= {hi})' if failing is None
+              else 'bracketed')
+    points = [dict(size=n, ratio=r) for n, r in evaluated]  # summarize's bracket: the search's last
     return dict(summarize(points, threshold), status=status, evaluated=evaluated)
 
 def summarize(points, threshold=0.9):
-    """EMM (largest passing size) of points [{size, ratio}], and its crossing: the size where the
-    ratio reaches threshold, linear between the EMM and the next size measured."""
+    """EMM (largest passing size) of points [{size, ratio}] and its crossing, linear to the next size."""
     pts = sorted((p['size'], p['ratio']) for p in points)
     k = max((k for k, (_, r) in enumerate(pts) if r >= threshold), default=None)
     if k is None or k + 1 == len(pts):
