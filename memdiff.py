@@ -1286,25 +1286,18 @@ def summarize(points, threshold=0.9):
     (n0, r0), (n1, r1) = pts[k], pts[k + 1]
     return dict(emm=n0, crossing=n0 + (r0 - threshold) / (r0 - r1) * (n1 - n0))
 
-# Memorization over training time. Bonnaire, Urfin, Biroli and Mezard [7] measure the same
-# d1/d2 < 1/3 memorization and find that its onset tau_mem grows linearly with |D| (tau_mem ~ |D|/W
-# across widths W): a budget below tau_mem(|D|) measures the budget, not the model. tau_mem is read
-# off the snapshots of one size, and the law tau_mem = a |D|^b is fitted across sizes.
-
 def tau_mem(snapshots, threshold=0.9):
-    """Onset of memorization of snapshots [{step, ratio}] -> (tau, [step_below, step_above]): the step
-    where the ratio first reaches threshold, linear in log(step) between the bracketing snapshots;
-    the first snapshot's step (an upper bound, bracket [0, step]) if it passes; (None, None): none."""
+    """Onset of memorization [7] (~ |D|: a budget below it measures the budget, not the model) of
+    snapshots [{step, ratio}] -> (tau, [step_below, step_above])."""
     pts = sorted((s['step'], s['ratio']) for s in snapshots)
     k = next((k for k, (_, ratio) in enumerate(pts) if ratio >= threshold), None)
-    if k is None:
+    if k is None:                                           # never reaches the threshold
         return None, None
     step, ratio = pts[k]
-    if k == 0 or pts[k - 1][0] <= 0:                        # no snapshot below it (or at step 0)
+    if k == 0 or pts[k - 1][0] <= 0:                        # no snapshot below it: an upper bound
         return float(step), [0, step]
-    s0, r0 = pts[k - 1]                                     # r0 < threshold <= ratio
-    t = (threshold - r0) / (ratio - r0)
-    tau = math.exp(math.log(s0) + t * (math.log(step) - math.log(s0)))
+    s0, r0 = pts[k - 1]                                     # r0 < threshold <= ratio: log-linear
+    tau = math.exp(math.log(s0) + (threshold - r0) / (ratio - r0) * (math.log(step) - math.log(s0)))
     return min(max(tau, s0), step), [s0, step]              # exp(log) may round past a bracket end
 
 def fit_power_law(sizes, taus):
@@ -1312,36 +1305,28 @@ def fit_power_law(sizes, taus):
     b, log_a = np.polyfit(np.log(np.asarray(sizes, float)), np.log(np.asarray(taus, float)), 1)
     return float(math.exp(log_a)), float(b)
 
-def _onset(snapshots, threshold):
-    """tau_mem when a snapshot below the threshold brackets it, else None (an upper bound, or never)."""
-    tau, bracket = tau_mem(snapshots, threshold)
-    return tau if tau is not None and bracket[0] > 0 else None
-
 def tau_law(points, samples, threshold=0.9, replicates=1000, generator=None):
-    """tau_mem = a |D|^b by least squares in log-log over the sizes with a bracketed tau_mem ->
-    dict(exponent, ci, prefactor, sizes, replicates), or None under two sizes; ci: b's 2.5% and 97.5%
-    quantiles over the replicates (those keeping two sizes) that redraw each snapshot's ratio as
-    Binomial(samples, ratio) / samples."""
+    """Fit tau_mem = a |D|^b over the sizes with a bracketed tau_mem -> dict(exponent, ci, ...) or None."""
+    def onset(snapshots):                                   # tau_mem if bracketed from below
+        tau, bracket = tau_mem(snapshots, threshold)
+        return tau if tau is not None and bracket[0] > 0 else None
     def law(points):                                        # (a, b), or None under two sizes
-        onsets = [(p['size'], tau) for p in points if (tau := _onset(p['snapshots'], threshold))]
+        onsets = [(p['size'], tau) for p in points if (tau := onset(p['snapshots']))]
         return fit_power_law(*zip(*onsets)) if len({n for n, _ in onsets}) >= 2 else None
-    kept = [p for p in points if _onset(p['snapshots'], threshold)]
-    fit = law(kept)
-    if fit is None:
+    kept = [p for p in points if onset(p['snapshots'])]
+    if (fit := law(kept)) is None:
         return None
-    a, b = fit
-    replicas = [[] for _ in range(replicates)]              # the points of each replicate
+    replicas = [[] for _ in range(replicates)]              # ci: ratios ~ Binomial(samples, ratio)
     for p in kept:
         ratio = torch.tensor([s['ratio'] for s in p['snapshots']], dtype=torch.float64)
-        count = torch.full((replicates, len(ratio)), float(samples), dtype=torch.float64)
-        k = torch.binomial(count, ratio.expand(replicates, -1), generator=generator)  # [R, S]
+        k = torch.binomial(torch.full((replicates, len(ratio)), float(samples), dtype=torch.float64),
+                           ratio.expand(replicates, -1), generator=generator)      # [R, S]
         for replica, redrawn in zip(replicas, (k / samples).tolist()):
             replica.append(dict(size=p['size'], snapshots=[
                 dict(step=s['step'], ratio=q) for s, q in zip(p['snapshots'], redrawn)]))
-    bs = [fit[1] for fit in map(law, replicas) if fit is not None]
-    ci = [float(np.quantile(bs, 0.025)), float(np.quantile(bs, 0.975))] if bs else None
-    return dict(exponent=b, ci=ci, prefactor=a, sizes=[p['size'] for p in kept],
-                replicates=len(bs))
+    bs = [f[1] for f in map(law, replicas) if f is not None]
+    return dict(exponent=fit[1], ci=[float(np.quantile(bs, q)) for q in (0.025, 0.975)] if bs else None,
+                prefactor=fit[0], sizes=[p['size'] for p in kept], replicates=len(bs))
 
 #----------------------------------------------------------------------------
 # Appendix: reading the study's snapshots. The study's training loop (EDM's) pickles dict(ema=
