@@ -1018,10 +1018,9 @@ def train(precond, images, labels=None, cfg=TrainConfig(), seed=0, resume=None, 
     precond.eval()
 
 #----------------------------------------------------------------------------
-# 9. Measurement and EMM search [1, sec. 3, eq. 5]. A size's memorization ratio: at each snapshot,
-# sample the EMA network from the study's seeds, round to the 8-bit grid as the study saved its
-# samples, score them against the training set, and keep the highest over the snapshots.
-# EMM_eps = max{ |D| : E[R] >= 1 - eps }, searched by doubling and bisection.
+# 9. Measurement and EMM search [1, sec. 3, eq. 5]. A size's memorization ratio is the highest over
+# the snapshots of the EMA network's samples (the study's seeds, rounded to 8 bits as it saved them)
+# scored against the training set; EMM_eps = max{|D| : E[R] >= 1 - eps}, by doubling and bisection.
 
 @dataclass
 class EMMConfig:
@@ -1044,10 +1043,7 @@ class EMMConfig:
     threshold: float = 0.9          # 1 - eps, eps = 0.1: the EMM's memorization ratio
     mem_threshold: float = 1 / 3    # d1/d2 below this: a sample is memorized
     seed: int = 0                   # training: initial weights, data order, noise
-
-    @property
-    def optimum(self):
-        return self.arch == 'optimum'
+    optimum = property(lambda self: self.arch == 'optimum')  # not a field: D* itself, no training
 
     def to_dict(self):
         return json.loads(json.dumps(asdict(self)))        # tuples -> lists, as read back from JSON
@@ -1056,11 +1052,10 @@ def build_network(cfg, shape, label_dim):
     """The U-Net and its preconditioning for images of shape (C, H, W)."""
     C, H, _ = shape
     attn = (H // 2,) if cfg.attn_resolutions is None else tuple(cfg.attn_resolutions)
-    net = UNet(H, C, C, label_dim=label_dim, model_channels=cfg.model_channels,
-               channel_mult=tuple(cfg.channel_mult), num_blocks=cfg.num_blocks,
-               attn_resolutions=attn, dropout=cfg.dropout, arch=cfg.arch,
-               embedding=cfg.embedding, skips=cfg.skips)
-    return Precond(net, kind=cfg.train.precond)
+    return Precond(UNet(H, C, C, label_dim=label_dim, model_channels=cfg.model_channels,
+                        channel_mult=tuple(cfg.channel_mult), num_blocks=cfg.num_blocks,
+                        attn_resolutions=attn, dropout=cfg.dropout, arch=cfg.arch,
+                        embedding=cfg.embedding, skips=cfg.skips), kind=cfg.train.precond)
 
 def training_set(images, labels, n, cfg):
     """The study's training set of size n -> (y [n,C,H,W] class-sorted, labels [n] or None, label_dim)."""
@@ -1069,15 +1064,13 @@ def training_set(images, labels, n, cfg):
     return images[idx], c, label_dim
 
 def study_latents(seeds, shape, label_dim, device):
-    """Latents [B, C, H, W] and class indices [B] (or None) of the study's sample seeds."""
-    # As the study's generator: one generator per seed, on the sampling device, draws the latent
-    # and then, for a conditional network, the class. The same seeds give the same samples.
+    """Latents [B,C,H,W] and classes [B] (or None) of the study's seeds, drawn as its sampler did."""
     z = torch.empty(len(seeds), *shape, device=device)
     c = torch.empty(len(seeds), dtype=torch.long, device=device)
     for k, s in enumerate(seeds):
-        g = torch.Generator(device).manual_seed(int(s) % (1 << 32))
+        g = torch.Generator(device).manual_seed(int(s) % (1 << 32))  # one per seed, on the device
         z[k] = torch.randn(shape, generator=g, device=device)
-        if label_dim:
+        if label_dim:                                       # then a conditional network's class
             c[k] = torch.randint(label_dim, size=[], generator=g, device=device)
     return z, c if label_dim else None
 
@@ -1088,7 +1081,6 @@ def generate(denoise, num, shape, label_dim, device, num_steps=18, batch=1000, p
     sigma_min, sigma_max = sigma_range(denoise)             # the counting wrapper declares none
     if progress is not None:                                # count network evaluations for a bar
         total, calls, inner = math.ceil(num / batch) * (2 * num_steps - 1), [0], denoise
-
         def denoise(x, sigma, labels):
             calls[0] += 1
             progress('sample', calls[0], total)
@@ -1102,8 +1094,7 @@ def generate(denoise, num, shape, label_dim, device, num_steps=18, batch=1000, p
         cs.append(c if c is None else _gather_rows(c, len(seeds)))
     return torch.cat(xs), (torch.cat(cs) if label_dim else None)
 
-def _gather_rows(x, total):
-    """Re-interleave rows drawn as [rank::world] on each rank into their original order [total, ...]."""
+def _gather_rows(x, total):             # rows [rank::world] of every rank -> [total, ...], in order
     rank, world = dist_info()
     if world == 1:
         return x
@@ -1114,58 +1105,45 @@ def _gather_rows(x, total):
     return torch.stack(parts, 1).reshape(-1, *x.shape[1:])[:total]
 
 def score(samples, y, mem_threshold=1/3):
-    """Memorization of samples [B,...] against the training set y [n,...] -> (dict(ratio, ci, and
-    ratio_study, duplicates when y holds copies), per sample dict(d1, d2 [B], index [B, 2] into y))."""
+    """Samples [B,...] vs the training set y -> (dict(ratio, ci, ...), dict(d1, d2 [B], index [B, 2]))."""
     B = len(samples)
     if B == 0 or not torch.isfinite(samples).all():
         raise ValueError(f'{int((~torch.isfinite(samples.flatten(1))).any(1).sum())} of {B} '
                          'samples are NaN or infinite' if B else 'score needs at least one sample')
-    # Under torchrun each rank searches the nearest neighbours of its rows [rank::world] only; the
-    # gathered distances are the same on every rank, so every rank reaches the same next size.
-    rank, world = dist_info()
+    rank, world = dist_info()               # each rank searches its rows; gathered, all ranks agree
     x = quantize_uint8(samples[rank::world])
     d, index = (_gather_rows(t, B) for t in nearest_distinct(x, y))
     k = int((d[:, 0] / d[:, 1] < mem_threshold).sum())
     out = dict(ratio=k / B, ci=list(wilson_interval(k, B)))
-    if count := duplicates(y):                              # the study's rule: no deduplication
+    if count := duplicates(y):              # copies in y: the study's ratio too (no deduplication)
         d_study = _gather_rows(nearest_neighbors(x, y, k=2)[0], B)
         out.update(ratio_study=int((d_study[:, 0] / d_study[:, 1] < mem_threshold).sum()) / B,
                    duplicates=count)
     return out, dict(d1=d[:, 0], d2=d[:, 1], index=index)
 
-# Probes: which closed form does the network follow [5, 6]? At every snapshot the EMA network, D*
-# and D_G denoise the same noisy training and held-out images (the last of each class, which the
-# first-k rule leaves out) at PROBE_SIGMAS levels log-spaced over the sampler's range. Per level and
-# side: the loss lambda(sigma) ||D(y + sigma n) - y||^2 and the RMS distance per pixel to D* and to
-# D_G (clean-image estimates, so no lambda), then their means under the loss's density p(sigma).
-# The optimum share s = d(net, D_G) / (d(net, D*) + d(net, D_G)) of the training side is 1 when the
-# network denoises its training images as D* does (back to the image), 0 as D_G does. On held-out
-# images a network with c_out ~ sigma stays near its input at small sigma whatever it learned, while
-# D* jumps to the nearest training image: that side measures the data more than the network, so it
-# is recorded beside the share, not in it.
+# Probes [5, 6]: does the network denoise as D* or as D_G? Its share s = d(net, D_G) / (d(net, D*) +
+# d(net, D_G)) on noisy training images is 1 as D* (back to the image), 0 as D_G. Held-out images are
+# kept apart: at small sigma D* jumps to a training image, a c_out ~ sigma net stays near its input.
 PROBE_IMAGES, PROBE_SIGMAS, PROBE_SEED = 64, 16, 0  # images a side (about), noise levels, seed
 
 def probe_set(images, labels, n, cfg):
-    """Fixed probe inputs of size n -> dict(y [P,C,H,W], held [P] bool, labels [P] or None,
-    noise [P, PROBE_SIGMAS, C, H, W]); each slot keeps its noise across sizes."""
+    """Probe inputs of size n -> dict(y [P,C,H,W], held [P], labels [P] or None, noise [P,K,C,H,W])."""
     y, c, label_dim = training_set(images, labels, n, cfg)
     mine = torch.linspace(0, n - 1, min(n, PROBE_IMAGES)).round().long()  # spread over the classes
-    other = held_out(labels if labels is not None else len(images), n, PROBE_IMAGES)
-    g = torch.Generator().manual_seed(PROBE_SEED)
+    other = held_out(labels if labels is not None else len(images), n, PROBE_IMAGES)  # last of a class
+    g = torch.Generator().manual_seed(PROBE_SEED)           # each slot keeps its noise across sizes
     noise = torch.randn([2, max(PROBE_IMAGES, len(other)), PROBE_SIGMAS, *images.shape[1:]],
                         generator=g)
-    probes = dict(y=torch.cat([y[mine], images[other]]), labels=None,
-                  held=torch.arange(len(mine) + len(other)) >= len(mine),
-                  noise=torch.cat([noise[0, :len(mine)], noise[1, :len(other)]]))
     if label_dim:                                           # held out: true class, else the sampler's
         drawn = torch.randint(label_dim, [len(other)], generator=g)
-        probes['labels'] = torch.cat([c[mine], labels[other] if cfg.labels == 'true' else drawn])
-    return probes
+        c = torch.cat([c[mine], labels[other] if cfg.labels == 'true' else drawn])
+    return dict(y=torch.cat([y[mine], images[other]]), labels=c if label_dim else None,
+                held=torch.arange(len(mine) + len(other)) >= len(mine),
+                noise=torch.cat([noise[0, :len(mine)], noise[1, :len(other)]]))
 
 @torch.no_grad()
 def probe(precond, probes, optimum, gaussian, sigma_min=0.002, sigma_max=80):
-    """precond against D* and D_G on the probe inputs -> dict(share, loss_train, loss_held, gap,
-    dist_opt, dist_gauss (training side), probe=dict of those per level and the held-out side's)."""
+    """precond vs D* and D_G on probes -> dict(loss_train/held, dist_opt/gauss, share, gap, probe)."""
     lo, hi = sigma_range(precond, sigma_min, sigma_max)
     sigma = torch.logspace(math.log10(lo), math.log10(hi), PROBE_SIGMAS, dtype=torch.float64)
     y, held, c = probes['y'], probes['held'], probes['labels']
@@ -1183,12 +1161,10 @@ def probe(precond, probes, optimum, gaussian, sigma_min=0.002, sigma_max=80):
             for name, e in zip(names, (loss, d_opt, d_gauss)):
                 v = e[mask].mean().item() if mask.any() else math.nan
                 rows[name].append(v if name.startswith('loss') else math.sqrt(v))  # RMS per pixel
-    p = sigma_density(precond, sigma).tolist()
-
-    def mean(values):                                       # weighted by p over finite values
-        pairs = [(w, v) for w, v in zip(p, values) if math.isfinite(v)]
-        return sum(w * v for w, v in pairs) / sum(w for w, _ in pairs) if pairs else None
-    out = {k: mean(rows[k]) for k in ('loss_train', 'loss_held', 'dist_opt', 'dist_gauss')}
+    p, out = sigma_density(precond, sigma).tolist(), {}     # the loss's density of the levels
+    for k in ('loss_train', 'loss_held', 'dist_opt', 'dist_gauss'):     # p-weighted, finite levels
+        pairs = [(w, v) for w, v in zip(p, rows[k]) if math.isfinite(v)]
+        out[k] = sum(w * v for w, v in pairs) / sum(w for w, _ in pairs) if pairs else None
     total = out['dist_opt'] + out['dist_gauss']
     out.update(share=out['dist_gauss'] / total if total > 0 else None,
                gap=None if out['loss_held'] is None else out['loss_held'] - out['loss_train'])
@@ -1196,44 +1172,33 @@ def probe(precond, probes, optimum, gaussian, sigma_min=0.002, sigma_max=80):
     return dict(out, probe=dict(sigma=sigma.tolist(), weight=[w / sum(p) for w in p], **rows))
 
 def measure(images, labels, n, cfg, device=torch.device('cpu'), resume=None, progress=None):
-    """Memorization of the training set of size n -> yields (snapshot, samples, state) per snapshot."""
-    # snapshot: step, ratio, ci (ratio_study, duplicates; unconditional for the optimum) and the
-    # probe's; samples: samples [B,C,H,W], classes [B] and score's d1, d2, index; state and resume
-    # as in train(). The optimum yields one snapshot, at step 0, and no state.
+    """Memorization at size n -> yields (snapshot, dict(samples, classes, d1, d2, index), train's state)."""
     y, c, label_dim = training_set(images, labels, n, cfg)
-    y, c = y.to(device), None if c is None else c.to(device)
+    y, c, shape = y.to(device), None if c is None else c.to(device), tuple(y.shape[1:])
     optimum, gaussian = OptimalDenoiser(y.double(), c), GaussianDenoiser(y, c)
-    probes = {k: v if v is None else v.to(device)
-              for k, v in probe_set(images, labels, n, cfg).items()}
-
-    def evaluate(denoise, step):
-        x, cx = generate(denoise, cfg.samples, tuple(y.shape[1:]), label_dim, device, cfg.num_steps,
-                         progress=progress)
-        try:
-            summary, scores = score(x, y, cfg.mem_threshold)
-        except ValueError as e:
-            raise ValueError(f'sampling diverged at step {step} (|D| = {n}): {e}') from None
-        snapshot = dict(step=step, **summary)
+    probes = {k: v if v is None else v.to(device) for k, v in probe_set(images, labels, n, cfg).items()}
+    runs = [(0, optimum, None)]                             # the optimum: one snapshot, no state
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else [], enabled=not cfg.optimum):
         if not cfg.optimum:
-            snapshot.update(probe(denoise, probes, optimum, gaussian))
-        elif c is not None:                                 # samples of a class with no image
-            snapshot['unconditional'] = int(optimum.unseen(cx).sum())
-        return snapshot, dict(samples=x, classes=cx, **scores)
-
-    if cfg.optimum:
-        yield *evaluate(optimum, 0), None
-        return
-    # Initial weights and dropout masks come from torch's global generator: seed it, inside a
-    # fork so that the caller's random state is left as it was.
-    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
-        torch.manual_seed(cfg.seed)
-        precond = build_network(cfg, tuple(y.shape[1:]), label_dim).to(device)
-        for step, ema, state in train(precond, y, c, cfg.train, cfg.seed, resume, progress):
-            yield *evaluate(ema, step), state
+            torch.manual_seed(cfg.seed)                     # weights, dropout; the fork restores it
+            precond = build_network(cfg, shape, label_dim).to(device)
+            runs = train(precond, y, c, cfg.train, cfg.seed, resume, progress)
+        for step, denoise, state in runs:
+            x, cx = generate(denoise, cfg.samples, shape, label_dim, device, cfg.num_steps,
+                             progress=progress)
+            try:
+                summary, scores = score(x, y, cfg.mem_threshold)
+            except ValueError as e:
+                raise ValueError(f'sampling diverged at step {step} (|D| = {n}): {e}') from None
+            snapshot = dict(step=step, **summary)
+            if not cfg.optimum:
+                snapshot.update(probe(denoise, probes, optimum, gaussian))
+            elif c is not None:                             # samples of a class with no image
+                snapshot['unconditional'] = int(optimum.unseen(cx).sum())
+            yield snapshot, dict(samples=x, classes=cx, **scores), state
 
 def best_point(n, snapshots, threshold=0.9):
-    """A size's point: its best snapshot's ratio, ci, share and gap (the study keeps the highest),
-    and the onset of memorization tau_mem with its bracket."""
+    """A size's point: the best snapshot's ratio, ci, share, gap (the study keeps the highest), tau_mem."""
     best = max(snapshots, key=lambda s: s['ratio'])
     tau, bracket = tau_mem(snapshots, threshold)
     return dict(size=n, ratio=best['ratio'], ci=best['ci'], best_step=best['step'], tau_mem=tau,
@@ -1241,46 +1206,33 @@ def best_point(n, snapshots, threshold=0.9):
                 **{k: best[k] for k in ('ratio_study', 'duplicates', 'share', 'gap') if k in best})
 
 def find_emm(ratio_at, lo, hi, threshold=0.9, step=1, tolerance=0.0, known=None):
-    """EMM_eps = max{N : E[R] >= 1 - eps} [1, eq. 5], threshold = 1 - eps, over the multiples of step
-    in [lo, hi] -> dict(emm, crossing, status, evaluated [(n, ratio)] in search order): doubling from
-    lo, then bisection to a bracket one step wide or under tolerance * its lower end; ratio_at is
-    called once per size at most, never for sizes in `known` ({n: ratio})."""
+    """EMM_eps = max{N : E[R] >= 1 - eps} [1, eq. 5] (threshold = 1 - eps) over the multiples of step
+    in [lo, hi] -> dict(emm, crossing, status, evaluated [(n, ratio)] in search order)."""
     if not (step >= 1 and lo >= step and hi >= lo):
         raise ValueError(f'need 1 <= step <= lo <= hi, got step={step}, lo={lo}, hi={hi}')
     lo, hi = math.ceil(lo / step) * step, hi // step * step
     if lo > hi:
         raise ValueError(f'no size in the range is a multiple of the step {step}')
     known, evaluated = dict(known or {}), []
-
-    def passes(n):
-        if n not in known:
-            known[n] = float(ratio_at(n))
+    def passes(n):                                          # ratio_at(n) at most once, not if known
+        known[n] = known[n] if n in known else float(ratio_at(n))
         evaluated.append((n, known[n]))
         return known[n] >= threshold
-
     passing, failing, n = None, None, lo
     while failing is None and passing != hi:                # doubling: a failing size above a pass
         passing, failing = (n, None) if passes(n) else (passing, n)
         n = min(2 * n, hi)
-    while passing is not None and failing is not None \
-            and failing - passing > tolerance * passing:   # bisection of the bracket
-        mid = (passing + failing) // 2 // step * step
-        if mid <= passing:                                  # the bracket is one step wide
-            break
+    while passing is not None and failing is not None and failing - passing > tolerance * passing \
+            and (mid := (passing + failing) // 2 // step * step) > passing:  # bisection, to one step
         passing, failing = (mid, failing) if passes(mid) else (passing, mid)
-    if passing is None:
-        status = f'below range: the ratio at the smallest size {lo} is under {threshold}'
-    elif failing is None:
-        status = f'above range: every size up to {hi} memorizes (EMM >= {hi})'
-    else:
-        status = 'bracketed'
-    # Every size evaluated above the last pass failed: the bracket is summarize's pair of sizes.
-    points = [dict(size=n, ratio=r) for n, r in evaluated]
+    status = (f'below range: the ratio at the smallest size {lo} is under {threshold}' if passing is None
+              else f'above range: every size up to {hi} memorizes (EMM >= {hi})' if failing is None
+              else 'bracketed')
+    points = [dict(size=n, ratio=r) for n, r in evaluated]  # summarize's bracket: the search's last
     return dict(summarize(points, threshold), status=status, evaluated=evaluated)
 
 def summarize(points, threshold=0.9):
-    """EMM (largest passing size) of points [{size, ratio}], and its crossing: the size where the
-    ratio reaches threshold, linear between the EMM and the next size measured."""
+    """EMM (largest passing size) of points [{size, ratio}] and its crossing, linear to the next size."""
     pts = sorted((p['size'], p['ratio']) for p in points)
     k = max((k for k, (_, r) in enumerate(pts) if r >= threshold), default=None)
     if k is None or k + 1 == len(pts):
@@ -1288,25 +1240,18 @@ def summarize(points, threshold=0.9):
     (n0, r0), (n1, r1) = pts[k], pts[k + 1]
     return dict(emm=n0, crossing=n0 + (r0 - threshold) / (r0 - r1) * (n1 - n0))
 
-# Memorization over training time. Bonnaire, Urfin, Biroli and Mezard [7] measure the same
-# d1/d2 < 1/3 memorization and find that its onset tau_mem grows linearly with |D| (tau_mem ~ |D|/W
-# across widths W): a budget below tau_mem(|D|) measures the budget, not the model. tau_mem is read
-# off the snapshots of one size, and the law tau_mem = a |D|^b is fitted across sizes.
-
 def tau_mem(snapshots, threshold=0.9):
-    """Onset of memorization of snapshots [{step, ratio}] -> (tau, [step_below, step_above]): the step
-    where the ratio first reaches threshold, linear in log(step) between the bracketing snapshots;
-    the first snapshot's step (an upper bound, bracket [0, step]) if it passes; (None, None): none."""
+    """Onset of memorization [7] (~ |D|: a budget below it measures the budget, not the model) of
+    snapshots [{step, ratio}] -> (tau, [step_below, step_above])."""
     pts = sorted((s['step'], s['ratio']) for s in snapshots)
     k = next((k for k, (_, ratio) in enumerate(pts) if ratio >= threshold), None)
-    if k is None:
+    if k is None:                                           # never reaches the threshold
         return None, None
     step, ratio = pts[k]
-    if k == 0 or pts[k - 1][0] <= 0:                        # no snapshot below it (or at step 0)
+    if k == 0 or pts[k - 1][0] <= 0:                        # no snapshot below it: an upper bound
         return float(step), [0, step]
-    s0, r0 = pts[k - 1]                                     # r0 < threshold <= ratio
-    t = (threshold - r0) / (ratio - r0)
-    tau = math.exp(math.log(s0) + t * (math.log(step) - math.log(s0)))
+    s0, r0 = pts[k - 1]                                     # r0 < threshold <= ratio: log-linear
+    tau = math.exp(math.log(s0) + (threshold - r0) / (ratio - r0) * (math.log(step) - math.log(s0)))
     return min(max(tau, s0), step), [s0, step]              # exp(log) may round past a bracket end
 
 def fit_power_law(sizes, taus):
@@ -1314,36 +1259,28 @@ def fit_power_law(sizes, taus):
     b, log_a = np.polyfit(np.log(np.asarray(sizes, float)), np.log(np.asarray(taus, float)), 1)
     return float(math.exp(log_a)), float(b)
 
-def _onset(snapshots, threshold):
-    """tau_mem when a snapshot below the threshold brackets it, else None (an upper bound, or never)."""
-    tau, bracket = tau_mem(snapshots, threshold)
-    return tau if tau is not None and bracket[0] > 0 else None
-
 def tau_law(points, samples, threshold=0.9, replicates=1000, generator=None):
-    """tau_mem = a |D|^b by least squares in log-log over the sizes with a bracketed tau_mem ->
-    dict(exponent, ci, prefactor, sizes, replicates), or None under two sizes; ci: b's 2.5% and 97.5%
-    quantiles over the replicates (those keeping two sizes) that redraw each snapshot's ratio as
-    Binomial(samples, ratio) / samples."""
+    """Fit tau_mem = a |D|^b over the sizes with a bracketed tau_mem -> dict(exponent, ci, ...) or None."""
+    def onset(snapshots):                                   # tau_mem if bracketed from below
+        tau, bracket = tau_mem(snapshots, threshold)
+        return tau if tau is not None and bracket[0] > 0 else None
     def law(points):                                        # (a, b), or None under two sizes
-        onsets = [(p['size'], tau) for p in points if (tau := _onset(p['snapshots'], threshold))]
+        onsets = [(p['size'], tau) for p in points if (tau := onset(p['snapshots']))]
         return fit_power_law(*zip(*onsets)) if len({n for n, _ in onsets}) >= 2 else None
-    kept = [p for p in points if _onset(p['snapshots'], threshold)]
-    fit = law(kept)
-    if fit is None:
+    kept = [p for p in points if onset(p['snapshots'])]
+    if (fit := law(kept)) is None:
         return None
-    a, b = fit
-    replicas = [[] for _ in range(replicates)]              # the points of each replicate
+    replicas = [[] for _ in range(replicates)]              # ci: ratios ~ Binomial(samples, ratio)
     for p in kept:
         ratio = torch.tensor([s['ratio'] for s in p['snapshots']], dtype=torch.float64)
-        count = torch.full((replicates, len(ratio)), float(samples), dtype=torch.float64)
-        k = torch.binomial(count, ratio.expand(replicates, -1), generator=generator)  # [R, S]
+        k = torch.binomial(torch.full((replicates, len(ratio)), float(samples), dtype=torch.float64),
+                           ratio.expand(replicates, -1), generator=generator)      # [R, S]
         for replica, redrawn in zip(replicas, (k / samples).tolist()):
             replica.append(dict(size=p['size'], snapshots=[
                 dict(step=s['step'], ratio=q) for s, q in zip(p['snapshots'], redrawn)]))
-    bs = [fit[1] for fit in map(law, replicas) if fit is not None]
-    ci = [float(np.quantile(bs, 0.025)), float(np.quantile(bs, 0.975))] if bs else None
-    return dict(exponent=b, ci=ci, prefactor=a, sizes=[p['size'] for p in kept],
-                replicates=len(bs))
+    bs = [f[1] for f in map(law, replicas) if f is not None]
+    return dict(exponent=fit[1], ci=[float(np.quantile(bs, q)) for q in (0.025, 0.975)] if bs else None,
+                prefactor=fit[0], sizes=[p['size'] for p in kept], replicates=len(bs))
 
 #----------------------------------------------------------------------------
 # Appendix: reading the study's snapshots. The study's training loop (EDM's) pickles dict(ema=

@@ -119,6 +119,14 @@ def test_measure_is_reproducible_whatever_the_global_rng():
     assert torch.equal(x1, x2), f'max |sample difference| {(x1 - x2).abs().max().item():.3g}'
 
 
+def test_measure_leaves_the_callers_global_rng_as_it_was():
+    """Training seeds torch's global RNG inside a fork: the caller's state is unchanged afterwards."""
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    measure_all(16, TINY_MEASURE)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def measure_in(outdir, progress=None, monkeypatch=None):
     """run_emm's per-size files around measure() in outdir, torch's global RNG seeded first ->
     (point, best samples); progress is handed to memdiff.measure."""
