@@ -82,55 +82,6 @@ def _check_fits(source, shape):
         _fail(source, f'{" x ".join(map(str, shape))} images need {need / 2**30:.1f} GiB as float32, '
               f'more than the {free / 2**30:.1f} GiB this machine has free')
 
-def _check_images(images, source):
-    """Images as numpy [N, C, H, W]: uint8 kept (resized as uint8, as the study), else float32 in [-1, 1]."""
-    images = np.asarray(images)
-    images = images[:, None] if images.ndim == 3 else images  # [N, H, W]: one channel
-    if images.ndim != 4 or images.shape[0] == 0:
-        _fail(source, f'images must be N x C x H x W or N x H x W x C with N > 0, got shape '
-              f'{tuple(images.shape)}')
-    if images.shape[3] in (1, 3, 4) and images.shape[1] == images.shape[2] \
-            and not (images.shape[1] in (1, 3, 4) and images.shape[2] == images.shape[3]):
-        images = images.transpose(0, 3, 1, 2)               # NHWC -> NCHW (square images)
-    if images.shape[2] != images.shape[3]:
-        _fail(source, f'images must be square (N x C x H x H or N x H x H x C), got shape '
-              f'{tuple(images.shape)}')
-    if images.dtype == np.uint8:
-        return np.ascontiguousarray(images)
-    if not np.issubdtype(images.dtype, np.integer) and not np.issubdtype(images.dtype, np.floating):
-        _fail(source, f'images have unsupported dtype {images.dtype}')
-    images = images.astype(np.float32)
-    if not np.isfinite(images).all():
-        _fail(source, 'images contain NaN or inf')
-    if images.min() < -1 - 1e-6 or images.max() > 1 + 1e-6:
-        _fail(source, f'float images must lie in [-1, 1] (or be uint8 0..255), got range '
-              f'[{images.min():.3g}, {images.max():.3g}]')
-    return np.ascontiguousarray(images)
-
-def _check_labels(labels, n, source):
-    """Labels as int64 [N] of values >= 0 (one-hot rows [N, C] allowed), or None."""
-    if labels is None:
-        return None
-    labels = np.asarray(labels)
-    labels = labels.argmax(1) if labels.ndim == 2 else labels  # one-hot, as EDM's dataset.json
-    if labels.ndim != 1 or len(labels) != n:
-        _fail(source, f'labels must be a vector of {n} entries (one per image), got shape '
-              f'{tuple(labels.shape)}')
-    if not np.issubdtype(labels.dtype, np.number) or not np.isfinite(labels).all() \
-            or (labels != np.round(labels)).any() or labels.min() < 0:
-        _fail(source, 'labels must be whole numbers >= 0')
-    return torch.from_numpy(labels.astype(np.int64))
-
-def _load_digits():
-    """The bundled UCI digits: 1,797 images 1x8x8, values 0..16 mapped to v/8 - 1, labels 0..9."""
-    path = next((d / 'digits.csv.gz' for d in DATA_DIRS if (d / 'digits.csv.gz').is_file()), None)
-    if path is None:
-        _fail('digits', 'the bundled digits.csv.gz is missing from the installation')
-    with gzip.open(path, 'rt') as f:
-        table = np.loadtxt(f, delimiter=',', dtype=np.float32)
-    images = table[:, :64].reshape(-1, 1, 8, 8) / 8 - 1    # values 0..16, not uint8: kept float32
-    return np.ascontiguousarray(images), torch.from_numpy(table[:, 64].astype(np.int64))
-
 def _load_npz(path):
     """The study's npz layout: 'images' (NCHW or NHWC, uint8 or float) and optional 'labels'."""
     with open(path, 'rb') as f:                             # numpy would talk of pickles instead
@@ -151,10 +102,7 @@ def _load_npz(path):
             if name == 'images':
                 _check_fits(path, shape)
         with np.load(path, allow_pickle=False) as arrays:
-            images = arrays['images']
-            labels = arrays['labels'] if 'labels' in members else None
-    images = _check_images(images, path)
-    return images, _check_labels(labels, len(images), path)
+            return arrays['images'], (arrays['labels'] if 'labels' in members else None)
 
 class _ArrayUnpickler(pickle.Unpickler):
     """CIFAR-10's batches are dicts of bytes, lists and numpy arrays: nothing else is unpickled."""
@@ -181,7 +129,7 @@ def _load_cifar10(path):
         images = np.concatenate([np.asarray(b['data'], np.uint8).reshape(-1, 3, 32, 32)
                                  for b in batches])
         labels = np.concatenate([np.asarray(b['labels']) for b in batches])
-    return _check_images(images, path), _check_labels(labels, len(images), path)
+    return images, labels
 
 def _load_png_zip(path):
     """EDM-style zip of PNGs with optional dataset.json {"labels": [[name, label], ...]}, the images
@@ -209,8 +157,7 @@ def _load_png_zip(path):
         table = dict(meta['labels']) if (meta or {}).get('labels') is not None else None
     if table is not None and set(names) - set(table):
         _fail(path, 'dataset.json has no label for some images')
-    labels = None if table is None else [table[n] for n in names]
-    return _check_images(np.stack(images), path), _check_labels(labels, len(images), path)
+    return np.stack(images), None if table is None else np.asarray([table[n] for n in names])
 
 def downsample(images, resolution):
     """Resize images [N, C, H, W] (numpy or torch) to [N, C, resolution, resolution] with Pillow's
@@ -233,42 +180,65 @@ def downsample(images, resolution):
     out = out if out.dtype == np.uint8 else out.clip(-1, 1)
     return torch.from_numpy(out) if isinstance(images, torch.Tensor) else out
 
-def _read_pixels(spec):
-    """The pixels of a data set as stored -> (uint8 or float32 array [N, C, H, W], labels [N] or None)."""
-    if str(spec) == 'digits':
-        return _load_digits()
-    path = Path(spec).expanduser()
-    name = path.name.lower()
-    if not path.exists():
+def load_dataset(spec, resolution=None, classes=None):
+    """'digits' or a path, first C classes, resized -> (images [N, C, H, W] in [-1, 1], labels [N] | None)."""
+    path = Path(spec).expanduser()                          # Path('digits') reads as 'digits'
+    if str(spec) == 'digits':                               # the bundled UCI digits, 1 x 8 x 8
+        found = [d / 'digits.csv.gz' for d in DATA_DIRS if (d / 'digits.csv.gz').is_file()]
+        if not found:
+            _fail('digits', 'the bundled digits.csv.gz is missing from the installation')
+        with gzip.open(found[0], 'rt') as f:
+            table = np.loadtxt(f, delimiter=',', dtype=np.float32)
+        images, labels = table[:, :64].reshape(-1, 1, 8, 8) / 8 - 1, table[:, 64]  # 0..16: kept float
+    elif not path.exists():
         _fail(spec, "no such file or folder (use 'digits', a .npz, CIFAR-10 python archive "
               "or folder, or an EDM-style .zip of PNGs)")
-    if name.endswith('.npz'):
-        return _load_npz(path)
-    if name.endswith(('.tar.gz', '.tgz')) or path.is_dir():
-        return _load_cifar10(path)
-    if name.endswith('.zip'):
-        return _load_png_zip(path)
-    _fail(spec, 'unknown data format (expected .npz, .tar.gz, a folder or .zip)')
-
-def load_dataset(spec, resolution=None, classes=None):
-    """A data set by name or path, its first C classes, down-sampled as the study -> (images float32
-    [N, C, H, W] in [-1, 1], labels int64 [N] or None)."""
-    images, labels = _read_pixels(spec)
+    elif path.name.lower().endswith('.npz'):
+        images, labels = _load_npz(path)
+    elif path.name.lower().endswith(('.tar.gz', '.tgz')) or path.is_dir():
+        images, labels = _load_cifar10(path)
+    elif path.name.lower().endswith('.zip'):
+        images, labels = _load_png_zip(path)
+    else:
+        _fail(spec, 'unknown data format (expected .npz, .tar.gz, a folder or .zip)')
+    images = images[:, None] if images.ndim == 3 else images  # [N, H, W]: one channel
+    if images.ndim != 4 or images.shape[0] == 0:
+        _fail(path, f'images must be N x C x H x W or N x H x W x C with N > 0, got shape {images.shape}')
+    if images.shape[3] in (1, 3, 4) and images.shape[1] == images.shape[2] \
+            and not (images.shape[1] in (1, 3, 4) and images.shape[2] == images.shape[3]):
+        images = images.transpose(0, 3, 1, 2)               # NHWC -> NCHW (square images)
+    if images.shape[2] != images.shape[3]:
+        _fail(path, f'images must be square (N x C x H x H or N x H x H x C), got shape {images.shape}')
+    if images.dtype != np.uint8:                            # uint8 is resized as uint8, as the study
+        if not np.issubdtype(images.dtype, np.integer) and not np.issubdtype(images.dtype, np.floating):
+            _fail(path, f'images have unsupported dtype {images.dtype}')
+        images = images.astype(np.float32)
+        if not np.isfinite(images).all():
+            _fail(path, 'images contain NaN or inf')
+        if images.min() < -1 - 1e-6 or images.max() > 1 + 1e-6:
+            _fail(path, f'float images must lie in [-1, 1] (or be uint8 0..255), got range '
+                  f'[{images.min():.3g}, {images.max():.3g}]')
+    if labels is not None:                                  # int64 [N] of whole numbers >= 0
+        labels = labels.argmax(1) if labels.ndim == 2 else labels  # one-hot, as EDM's dataset.json
+        if labels.ndim != 1 or len(labels) != len(images):
+            _fail(path, f'labels must be a vector of {len(images)} entries (one per image), got shape '
+                  f'{labels.shape}')
+        if not np.issubdtype(labels.dtype, np.number) or not np.isfinite(labels).all() \
+                or (labels != np.round(labels)).any() or labels.min() < 0:
+            _fail(path, 'labels must be whole numbers >= 0')
+        labels = torch.from_numpy(labels.astype(np.int64))
     if classes is not None:                                 # classes 0..C-1 [dataset_diversity.py]
-        if labels is None or not 1 <= classes <= int(labels.max()) + 1:
-            _fail(spec, f'classes={classes}, but the data set has '
-                  f'{0 if labels is None else int(labels.max()) + 1} classes')
-        keep = (labels < classes).numpy()
-        images, labels = images[keep], labels[keep]
+        present = 0 if labels is None else int(labels.max()) + 1
+        if not 1 <= classes <= present:
+            _fail(spec, f'classes={classes}, but the data set has {present} classes')
+        images, labels = images[(labels < classes).numpy()], labels[labels < classes]
     if resolution is not None:
         try:
             images = downsample(images, resolution)
         except ValueError as e:
             _fail(spec, str(e))
-    images = torch.from_numpy(np.ascontiguousarray(images))
-    if images.dtype == torch.uint8:
-        images = images.float() / 127.5 - 1                 # u/127.5 - 1 [training/training_loop.py]
-    return images.contiguous(), labels
+    images = torch.from_numpy(np.ascontiguousarray(images))  # uint8 -> u/127.5 - 1 [training_loop.py]
+    return (images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images), labels
 
 def _class_shares(labels, n):
     """(classes present [C], images taken from each [C]) of the study's first-k rule for size n."""
