@@ -106,56 +106,45 @@ def _load_npz(path):
 
 class _ArrayUnpickler(pickle.Unpickler):
     """CIFAR-10's batches are dicts of bytes, lists and numpy arrays: nothing else is unpickled."""
-    ARRAYS = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
-              ('numpy', 'ndarray'), ('numpy', 'dtype'),
-              ('_codecs', 'encode')}                        # bytes, as Python 3 writes protocol 2
-
     def find_class(self, module, name):
-        if (module, name) in self.ARRAYS:
+        if (module, name) in {('numpy.core.multiarray', '_reconstruct'), ('numpy', 'ndarray'),
+                              ('numpy._core.multiarray', '_reconstruct'), ('numpy', 'dtype'),
+                              ('_codecs', 'encode')}:         # bytes, as Python 3 writes protocol 2
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f'refuses {module}.{name}: a batch holds arrays only')
 
 def _load_cifar10(path):
     """CIFAR-10 python version (tar.gz or extracted folder): the five training batches, in order."""
-    names = [f'data_batch_{i}' for i in range(1, 6)]
     folder = path / 'cifar-10-batches-py' if (path / 'cifar-10-batches-py').is_dir() else path
     with _reading(path, 'a CIFAR-10 python archive'), contextlib.ExitStack() as stack:
         if path.is_dir():
-            files = [stack.enter_context(open(folder / name, 'rb')) for name in names]
+            files = [stack.enter_context(open(folder / f'data_batch_{i}', 'rb')) for i in range(1, 6)]
         else:
             tar = stack.enter_context(tarfile.open(path, 'r:gz'))
-            files = [tar.extractfile(f'cifar-10-batches-py/{name}') for name in names]
+            files = [tar.extractfile(f'cifar-10-batches-py/data_batch_{i}') for i in range(1, 6)]
         batches = [_ArrayUnpickler(f, encoding='latin1').load() for f in files]
-        images = np.concatenate([np.asarray(b['data'], np.uint8).reshape(-1, 3, 32, 32)
-                                 for b in batches])
-        labels = np.concatenate([np.asarray(b['labels']) for b in batches])
-    return images, labels
+        return (np.concatenate([np.asarray(b['data'], np.uint8).reshape(-1, 3, 32, 32) for b in batches]),
+                np.concatenate([np.asarray(b['labels']) for b in batches]))
 
 def _load_png_zip(path):
-    """EDM-style zip of PNGs with optional dataset.json {"labels": [[name, label], ...]}, the images
-    in sorted name order as EDM's ImageFolderDataset reads them."""
-    with _reading(path, 'a readable zip of PNGs'), zipfile.ZipFile(path) as z, \
-            warnings.catch_warnings():
+    """EDM-style zip of PNGs (sorted by name, as EDM reads them), labels from its dataset.json."""
+    with _reading(path, 'a readable zip of PNGs'), zipfile.ZipFile(path) as z, warnings.catch_warnings():
         warnings.simplefilter('ignore', PIL.Image.DecompressionBombWarning)  # refused below
         names = sorted(n for n in z.namelist() if n.lower().endswith('.png'))
         if not names:
             _fail(path, 'the zip holds no PNG images')
-        shapes = {}
+        sizes = []                                          # 'width x height x bands' of each
         for name in names:                                  # headers only: Pillow decodes lazily
             with z.open(name) as f, PIL.Image.open(f) as im:
-                shapes[name] = (len(im.getbands()), im.height, im.width)
-            if im.width * im.height > MAX_PIXELS or shapes[name] != shapes[names[0]]:
-                _fail(path, f'{name} is {im.width} x {im.height} x {len(im.getbands())}, '
-                      f'{names[0]} {" x ".join(map(str, shapes[names[0]][::-1]))}: images '
-                      f'must share one size of at most {MAX_PIXELS:,} pixels')
-        _check_fits(path, (len(names),) + shapes[names[0]])
-        images = []
-        for name in names:
-            with z.open(name) as f, PIL.Image.open(f) as im:
-                images.append(np.array(im))
+                sizes.append(f'{im.width} x {im.height} x {len(im.getbands())}')
+            if im.width * im.height > MAX_PIXELS or sizes[-1] != sizes[0]:
+                _fail(path, f'{name} is {sizes[-1]}, {names[0]} {sizes[0]}: images must share one size '
+                      f'of at most {MAX_PIXELS:,} pixels')
+        _check_fits(path, (len(names), len(im.getbands()), im.height, im.width))  # all of one size
+        images = [np.array(PIL.Image.open(z.open(name))) for name in names]  # pixels decoded only now
         meta = json.loads(z.read('dataset.json')) if 'dataset.json' in z.namelist() else {}
         table = dict(meta['labels']) if (meta or {}).get('labels') is not None else None
-    if table is not None and set(names) - set(table):
+    if table is not None and set(names) - set(table):       # {"labels": [[name, label], ...]}
         _fail(path, 'dataset.json has no label for some images')
     return np.stack(images), None if table is None else np.asarray([table[n] for n in names])
 
