@@ -229,25 +229,18 @@ def load_dataset(spec, resolution=None, classes=None):
     images = torch.from_numpy(np.ascontiguousarray(images))  # uint8 -> u/127.5 - 1 [training_loop.py]
     return (images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images), labels
 
-def _class_shares(labels, n):
-    """(classes present [C], images taken from each [C]) of the study's first-k rule for size n."""
-    classes = torch.unique(labels)                          # ascending: 0..C-1 for the study's data
-    k = n // len(classes)
-    return classes.tolist(), [k] * (len(classes) - 1) + [n - k * (len(classes) - 1)]
-
 def balanced_subset(labels, n):
-    """Indices [n] of the study's set of size n (labels [N], or N unlabelled: the first n), class-sorted."""
-    # dataset_size.py, dataset_diversity.py: for each class c = 0..C-1 the first k = n // C images
-    # of c in file order, the last class taking n - k (C - 1); no seed. The sets are nested when
-    # the last class's share does not shrink: always when C divides the smaller.
+    """Indices [n] of the study's set of size n (labels [N], or N unlabelled: one class), class-sorted."""
+    # dataset_size.py, dataset_diversity.py: the first k = n // C images of each class c = 0..C-1
+    # in file order, the last taking n - k (C - 1); no seed. Nested while the last share does not shrink.
     N = labels if isinstance(labels, int) else len(labels)
     if not 1 <= n <= N:
         raise ValueError(f'subset size {n} must lie in 1..{N} (the data set size)')
-    if isinstance(labels, int):
-        return torch.arange(n)
-    picks = []
-    for c, share in zip(*_class_shares(torch.as_tensor(labels), n)):
-        members = torch.nonzero(torch.as_tensor(labels) == c).flatten()  # file order
+    labels = torch.zeros(N, dtype=torch.int64) if isinstance(labels, int) else torch.as_tensor(labels)
+    classes, picks = torch.unique(labels).tolist(), []      # ascending: 0..C-1 for the study's data
+    k = n // len(classes)
+    for c, share in zip(classes, [k] * (len(classes) - 1) + [n - k * (len(classes) - 1)]):
+        members = torch.nonzero(labels == c).flatten()      # file order
         if len(members) < share:
             raise ValueError(f'subset size {n}: class {c} has {len(members)} images, fewer than '
                              f'its share {share} of the first-k rule')
@@ -260,7 +253,7 @@ def max_subset_size(labels):
         return labels
     counts = torch.unique(torch.as_tensor(labels), return_counts=True)[1].tolist()
     C, first = len(counts), min(counts[:-1], default=len(labels))
-    return next((n - 1 for n in range(1, len(labels) + 1)   # the shares of _class_shares
+    return next((n - 1 for n in range(1, len(labels) + 1)   # the shares of balanced_subset
                  if n // C > first or n - (n // C) * (C - 1) > counts[-1]), len(labels))
 
 def held_out(labels, n, count):
