@@ -49,10 +49,8 @@ from torch import nn
 DATA_DIRS = (Path(__file__).resolve().parent / 'data', Path(sysconfig.get_path('data')) / 'share' / 'memdiff')
 
 #----------------------------------------------------------------------------
-# 1. Data. Images are float32 [N, C, H, W] in [-1, 1] (the study's u/127.5 - 1), labels int64 [N]
-# or None. The rules are the study's dataset tools [1, dataset_utils/]: the first |D|/C images of
-# each class, LANCZOS on uint8, its label draws; no augmentation. A file costs about what it holds:
-# sizes and shapes are read from its headers and checked before anything is decoded.
+# 1. Data: the study's training sets, by the rules of its dataset tools [1, dataset_utils/], no
+# augmentation. A file costs about what it holds: headers are read and sizes checked before decoding.
 
 MAX_PIXELS = 4096 * 4096        # per image: far above the study's 32 x 32, far below a bomb's
 
@@ -76,8 +74,7 @@ def _free_memory():
     return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
 
 def _check_fits(source, shape):
-    """Refuse a data set whose float32 copy [N, C, H, W] would not fit in the memory left."""
-    need, free = 4 * math.prod(shape), _free_memory()
+    need, free = 4 * math.prod(shape), _free_memory()       # bytes of the float32 copy [N, C, H, W]
     if need > free:
         _fail(source, f'{" x ".join(map(str, shape))} images need {need / 2**30:.1f} GiB as float32, '
               f'more than the {free / 2**30:.1f} GiB this machine has free')
@@ -149,23 +146,17 @@ def _load_png_zip(path):
     return np.stack(images), None if table is None else np.asarray([table[n] for n in names])
 
 def downsample(images, resolution):
-    """Resize images [N, C, H, W] (numpy or torch) to [N, C, resolution, resolution] with Pillow's
-    LANCZOS filter, as the study's dataset_tool.py; uint8 stays uint8 (Pillow rounds and clips)."""
+    """Images [N, C, H, W] (numpy or torch) -> [N, C, resolution, resolution] by dataset_tool.py's LANCZOS."""
     H = images.shape[-1]
     if images.shape[-2] != H:
         raise ValueError(f'images must be square to resize, got {H} x {images.shape[-2]}')
-    # dataset_tool.py refuses outputs whose side is not a power of two.
-    if resolution < 1 or resolution & (resolution - 1) or resolution > H:
-        raise ValueError(f'resolution {resolution} must be a power of two no larger than the image '
-                         f'size {H}')
+    if resolution < 1 or resolution & (resolution - 1) or resolution > H:  # as dataset_tool.py
+        raise ValueError(f'resolution {resolution} must be a power of two no larger than the image size {H}')
     if resolution == H:
         return images
-    x = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-    # One channel at a time: mode 'L' for uint8 gives exactly Pillow's RGB resize of dataset_tool.py
-    # (Pillow filters each band alone); float sources (the digits) use mode 'F', the same filter
-    # without rounding, clipped to [-1, 1] as Pillow clips uint8 to 0..255.
+    # Band by band, as Pillow filters RGB: uint8 stays uint8 (mode 'L'), floats use 'F', clipped to [-1, 1].
     out = np.stack([[np.asarray(PIL.Image.fromarray(np.ascontiguousarray(band)).resize(
-        (resolution, resolution), PIL.Image.LANCZOS)) for band in image] for image in x])
+        (resolution, resolution), PIL.Image.LANCZOS)) for band in image] for image in np.asarray(images)])
     out = out if out.dtype == np.uint8 else out.clip(-1, 1)
     return torch.from_numpy(out) if isinstance(images, torch.Tensor) else out
 
@@ -257,11 +248,9 @@ def max_subset_size(labels):
                  if n // C > first or n - (n // C) * (C - 1) > counts[-1]), len(labels))
 
 def held_out(labels, n, count):
-    """Indices of images the training set of size n leaves out: of each class, its last ceil(count/C)
-    in file order (unlabelled: the last count), the same images for every n that leaves them out."""
-    N = labels if isinstance(labels, int) else len(labels)
-    free = torch.ones(N, dtype=torch.bool)
-    free[balanced_subset(labels, n)] = False
+    """Indices of the last ceil(count/C) images of each class (unlabelled: the last count) outside set n."""
+    free = torch.ones(labels if isinstance(labels, int) else len(labels), dtype=torch.bool)
+    free[balanced_subset(labels, n)] = False                # the same images for every n leaving them
     if isinstance(labels, int):
         return torch.nonzero(free).flatten()[-count:]
     classes = torch.unique(torch.as_tensor(labels))
@@ -269,8 +258,7 @@ def held_out(labels, n, count):
     return torch.cat([torch.nonzero(free & (labels == c)).flatten()[-k:] for c in classes])
 
 def assign_labels(labels, mode, n=None):
-    """Class labels of the study's files for a training set in class-sorted order -> (labels int64
-    [n] or None, label_dim = max label + 1, as EDM's dataset reads it; 0 for 'none')."""
+    """Labels of a class-sorted training set -> (int64 [n] or None, label_dim = max label + 1 or 0)."""
     if mode == 'none':
         return None, 0
     if mode == 'true':
@@ -281,10 +269,8 @@ def assign_labels(labels, mode, n=None):
     if mode == 'unique':
         return torch.arange(n), n                           # image i: label i [dataset_unique.py]
     if not re.fullmatch(r'random:[1-9]\d*', str(mode)):
-        raise ValueError(f"unknown label mode {mode!r} (expected none, true, random:C with C >= 1 "
-                         "or unique)")
-    # dataset_random.py: random.seed(1024), then one randint(0, C - 1) per image of the set, in
-    # class-sorted order. A private Random(1024) draws the same sequence, global state untouched.
+        raise ValueError(f"unknown label mode {mode!r} (expected none, true, random:C with C >= 1 or unique)")
+    # dataset_random.py: random.seed(1024), one randint(0, C - 1) per image; a private Random, same draws.
     rng = random.Random(1024)
     out = torch.tensor([rng.randint(0, int(mode[7:]) - 1) for _ in range(n)], dtype=torch.int64)
     return out, int(out.max()) + 1
