@@ -208,9 +208,9 @@ def load_dataset(spec, resolution=None, classes=None):
             _fail(path, 'labels must be whole numbers >= 0')
         labels = torch.from_numpy(labels.astype(np.int64))
     if classes is not None:                                 # classes 0..C-1 [dataset_diversity.py]
-        present = 0 if labels is None else int(labels.max()) + 1
-        if not 1 <= classes <= present:
-            _fail(spec, f'classes={classes}, but the data set has {present} classes')
+        if labels is None or not 1 <= classes <= int(labels.max()) + 1:
+            _fail(spec, f'classes={classes}, but the data set has '
+                  f'{0 if labels is None else int(labels.max()) + 1} classes')
         images, labels = images[(labels < classes).numpy()], labels[labels < classes]
     if resolution is not None:
         try:
