@@ -49,10 +49,8 @@ from torch import nn
 DATA_DIRS = (Path(__file__).resolve().parent / 'data', Path(sysconfig.get_path('data')) / 'share' / 'memdiff')
 
 #----------------------------------------------------------------------------
-# 1. Data. Images are float32 [N, C, H, W] in [-1, 1] (the study's u/127.5 - 1), labels int64 [N]
-# or None. The rules are the study's dataset tools [1, dataset_utils/]: the first |D|/C images of
-# each class, LANCZOS on uint8, its label draws; no augmentation. A file costs about what it holds:
-# sizes and shapes are read from its headers and checked before anything is decoded.
+# 1. Data: the study's training sets, by the rules of its dataset tools [1, dataset_utils/], no
+# augmentation. A file costs about what it holds: headers are read and sizes checked before decoding.
 
 MAX_PIXELS = 4096 * 4096        # per image: far above the study's 32 x 32, far below a bomb's
 
@@ -76,60 +74,10 @@ def _free_memory():
     return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
 
 def _check_fits(source, shape):
-    """Refuse a data set whose float32 copy [N, C, H, W] would not fit in the memory left."""
-    need, free = 4 * math.prod(shape), _free_memory()
+    need, free = 4 * math.prod(shape), _free_memory()       # bytes of the float32 copy [N, C, H, W]
     if need > free:
         _fail(source, f'{" x ".join(map(str, shape))} images need {need / 2**30:.1f} GiB as float32, '
               f'more than the {free / 2**30:.1f} GiB this machine has free')
-
-def _check_images(images, source):
-    """Images as numpy [N, C, H, W]: uint8 kept (resized as uint8, as the study), else float32 in [-1, 1]."""
-    images = np.asarray(images)
-    images = images[:, None] if images.ndim == 3 else images  # [N, H, W]: one channel
-    if images.ndim != 4 or images.shape[0] == 0:
-        _fail(source, f'images must be N x C x H x W or N x H x W x C with N > 0, got shape '
-              f'{tuple(images.shape)}')
-    if images.shape[3] in (1, 3, 4) and images.shape[1] == images.shape[2] \
-            and not (images.shape[1] in (1, 3, 4) and images.shape[2] == images.shape[3]):
-        images = images.transpose(0, 3, 1, 2)               # NHWC -> NCHW (square images)
-    if images.shape[2] != images.shape[3]:
-        _fail(source, f'images must be square (N x C x H x H or N x H x H x C), got shape '
-              f'{tuple(images.shape)}')
-    if images.dtype == np.uint8:
-        return np.ascontiguousarray(images)
-    if not np.issubdtype(images.dtype, np.integer) and not np.issubdtype(images.dtype, np.floating):
-        _fail(source, f'images have unsupported dtype {images.dtype}')
-    images = images.astype(np.float32)
-    if not np.isfinite(images).all():
-        _fail(source, 'images contain NaN or inf')
-    if images.min() < -1 - 1e-6 or images.max() > 1 + 1e-6:
-        _fail(source, f'float images must lie in [-1, 1] (or be uint8 0..255), got range '
-              f'[{images.min():.3g}, {images.max():.3g}]')
-    return np.ascontiguousarray(images)
-
-def _check_labels(labels, n, source):
-    """Labels as int64 [N] of values >= 0 (one-hot rows [N, C] allowed), or None."""
-    if labels is None:
-        return None
-    labels = np.asarray(labels)
-    labels = labels.argmax(1) if labels.ndim == 2 else labels  # one-hot, as EDM's dataset.json
-    if labels.ndim != 1 or len(labels) != n:
-        _fail(source, f'labels must be a vector of {n} entries (one per image), got shape '
-              f'{tuple(labels.shape)}')
-    if not np.issubdtype(labels.dtype, np.number) or not np.isfinite(labels).all() \
-            or (labels != np.round(labels)).any() or labels.min() < 0:
-        _fail(source, 'labels must be whole numbers >= 0')
-    return torch.from_numpy(labels.astype(np.int64))
-
-def _load_digits():
-    """The bundled UCI digits: 1,797 images 1x8x8, values 0..16 mapped to v/8 - 1, labels 0..9."""
-    path = next((d / 'digits.csv.gz' for d in DATA_DIRS if (d / 'digits.csv.gz').is_file()), None)
-    if path is None:
-        _fail('digits', 'the bundled digits.csv.gz is missing from the installation')
-    with gzip.open(path, 'rt') as f:
-        table = np.loadtxt(f, delimiter=',', dtype=np.float32)
-    images = table[:, :64].reshape(-1, 1, 8, 8) / 8 - 1    # values 0..16, not uint8: kept float32
-    return np.ascontiguousarray(images), torch.from_numpy(table[:, 64].astype(np.int64))
 
 def _load_npz(path):
     """The study's npz layout: 'images' (NCHW or NHWC, uint8 or float) and optional 'labels'."""
@@ -151,144 +99,139 @@ def _load_npz(path):
             if name == 'images':
                 _check_fits(path, shape)
         with np.load(path, allow_pickle=False) as arrays:
-            images = arrays['images']
-            labels = arrays['labels'] if 'labels' in members else None
-    images = _check_images(images, path)
-    return images, _check_labels(labels, len(images), path)
+            return arrays['images'], (arrays['labels'] if 'labels' in members else None)
 
 class _ArrayUnpickler(pickle.Unpickler):
     """CIFAR-10's batches are dicts of bytes, lists and numpy arrays: nothing else is unpickled."""
-    ARRAYS = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
-              ('numpy', 'ndarray'), ('numpy', 'dtype'),
-              ('_codecs', 'encode')}                        # bytes, as Python 3 writes protocol 2
-
     def find_class(self, module, name):
-        if (module, name) in self.ARRAYS:
+        if (module, name) in {('numpy.core.multiarray', '_reconstruct'), ('numpy', 'ndarray'),
+                              ('numpy._core.multiarray', '_reconstruct'), ('numpy', 'dtype'),
+                              ('_codecs', 'encode')}:         # bytes, as Python 3 writes protocol 2
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f'refuses {module}.{name}: a batch holds arrays only')
 
 def _load_cifar10(path):
     """CIFAR-10 python version (tar.gz or extracted folder): the five training batches, in order."""
-    names = [f'data_batch_{i}' for i in range(1, 6)]
     folder = path / 'cifar-10-batches-py' if (path / 'cifar-10-batches-py').is_dir() else path
     with _reading(path, 'a CIFAR-10 python archive'), contextlib.ExitStack() as stack:
         if path.is_dir():
-            files = [stack.enter_context(open(folder / name, 'rb')) for name in names]
+            files = [stack.enter_context(open(folder / f'data_batch_{i}', 'rb')) for i in range(1, 6)]
         else:
             tar = stack.enter_context(tarfile.open(path, 'r:gz'))
-            files = [tar.extractfile(f'cifar-10-batches-py/{name}') for name in names]
+            files = [tar.extractfile(f'cifar-10-batches-py/data_batch_{i}') for i in range(1, 6)]
         batches = [_ArrayUnpickler(f, encoding='latin1').load() for f in files]
-        images = np.concatenate([np.asarray(b['data'], np.uint8).reshape(-1, 3, 32, 32)
-                                 for b in batches])
-        labels = np.concatenate([np.asarray(b['labels']) for b in batches])
-    return _check_images(images, path), _check_labels(labels, len(images), path)
+        return (np.concatenate([np.asarray(b['data'], np.uint8).reshape(-1, 3, 32, 32) for b in batches]),
+                np.concatenate([np.asarray(b['labels']) for b in batches]))
 
 def _load_png_zip(path):
-    """EDM-style zip of PNGs with optional dataset.json {"labels": [[name, label], ...]}, the images
-    in sorted name order as EDM's ImageFolderDataset reads them."""
-    with _reading(path, 'a readable zip of PNGs'), zipfile.ZipFile(path) as z, \
-            warnings.catch_warnings():
+    """EDM-style zip of PNGs (sorted by name, as EDM reads them), labels from its dataset.json."""
+    with _reading(path, 'a readable zip of PNGs'), zipfile.ZipFile(path) as z, warnings.catch_warnings():
         warnings.simplefilter('ignore', PIL.Image.DecompressionBombWarning)  # refused below
         names = sorted(n for n in z.namelist() if n.lower().endswith('.png'))
         if not names:
             _fail(path, 'the zip holds no PNG images')
-        shapes = {}
+        sizes = []                                          # 'width x height x bands' of each
         for name in names:                                  # headers only: Pillow decodes lazily
             with z.open(name) as f, PIL.Image.open(f) as im:
-                shapes[name] = (len(im.getbands()), im.height, im.width)
-            if im.width * im.height > MAX_PIXELS or shapes[name] != shapes[names[0]]:
-                _fail(path, f'{name} is {im.width} x {im.height} x {len(im.getbands())}, '
-                      f'{names[0]} {" x ".join(map(str, shapes[names[0]][::-1]))}: images '
-                      f'must share one size of at most {MAX_PIXELS:,} pixels')
-        _check_fits(path, (len(names),) + shapes[names[0]])
-        images = []
-        for name in names:
-            with z.open(name) as f, PIL.Image.open(f) as im:
-                images.append(np.array(im))
+                sizes.append(f'{im.width} x {im.height} x {len(im.getbands())}')
+            if im.width * im.height > MAX_PIXELS or sizes[-1] != sizes[0]:
+                _fail(path, f'{name} is {sizes[-1]}, {names[0]} {sizes[0]}: images must share one size '
+                      f'of at most {MAX_PIXELS:,} pixels')
+        _check_fits(path, (len(names), len(im.getbands()), im.height, im.width))  # all of one size
+        images = [np.array(PIL.Image.open(z.open(name))) for name in names]  # pixels decoded only now
         meta = json.loads(z.read('dataset.json')) if 'dataset.json' in z.namelist() else {}
         table = dict(meta['labels']) if (meta or {}).get('labels') is not None else None
-    if table is not None and set(names) - set(table):
+    if table is not None and set(names) - set(table):       # {"labels": [[name, label], ...]}
         _fail(path, 'dataset.json has no label for some images')
-    labels = None if table is None else [table[n] for n in names]
-    return _check_images(np.stack(images), path), _check_labels(labels, len(images), path)
+    return np.stack(images), None if table is None else np.asarray([table[n] for n in names])
 
 def downsample(images, resolution):
-    """Resize images [N, C, H, W] (numpy or torch) to [N, C, resolution, resolution] with Pillow's
-    LANCZOS filter, as the study's dataset_tool.py; uint8 stays uint8 (Pillow rounds and clips)."""
+    """Images [N, C, H, W] (numpy or torch) -> [N, C, resolution, resolution] by dataset_tool.py's LANCZOS."""
     H = images.shape[-1]
     if images.shape[-2] != H:
         raise ValueError(f'images must be square to resize, got {H} x {images.shape[-2]}')
-    # dataset_tool.py refuses outputs whose side is not a power of two.
-    if resolution < 1 or resolution & (resolution - 1) or resolution > H:
-        raise ValueError(f'resolution {resolution} must be a power of two no larger than the image '
-                         f'size {H}')
+    if resolution < 1 or resolution & (resolution - 1) or resolution > H:  # as dataset_tool.py
+        raise ValueError(f'resolution {resolution} must be a power of two no larger than the image size {H}')
     if resolution == H:
         return images
-    x = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-    # One channel at a time: mode 'L' for uint8 gives exactly Pillow's RGB resize of dataset_tool.py
-    # (Pillow filters each band alone); float sources (the digits) use mode 'F', the same filter
-    # without rounding, clipped to [-1, 1] as Pillow clips uint8 to 0..255.
+    # Band by band, as Pillow filters RGB: uint8 stays uint8 (mode 'L'), floats use 'F', clipped to [-1, 1].
     out = np.stack([[np.asarray(PIL.Image.fromarray(np.ascontiguousarray(band)).resize(
-        (resolution, resolution), PIL.Image.LANCZOS)) for band in image] for image in x])
+        (resolution, resolution), PIL.Image.LANCZOS)) for band in image] for image in np.asarray(images)])
     out = out if out.dtype == np.uint8 else out.clip(-1, 1)
     return torch.from_numpy(out) if isinstance(images, torch.Tensor) else out
 
-def _read_pixels(spec):
-    """The pixels of a data set as stored -> (uint8 or float32 array [N, C, H, W], labels [N] or None)."""
-    if str(spec) == 'digits':
-        return _load_digits()
-    path = Path(spec).expanduser()
-    name = path.name.lower()
-    if not path.exists():
+def load_dataset(spec, resolution=None, classes=None):
+    """'digits' or a path, first C classes, resized -> (images [N, C, H, W] in [-1, 1], labels [N] | None)."""
+    path = Path(spec).expanduser()                          # Path('digits') reads as 'digits'
+    if str(spec) == 'digits':                               # the bundled UCI digits, 1 x 8 x 8
+        found = [d / 'digits.csv.gz' for d in DATA_DIRS if (d / 'digits.csv.gz').is_file()]
+        if not found:
+            _fail('digits', 'the bundled digits.csv.gz is missing from the installation')
+        with gzip.open(found[0], 'rt') as f:
+            table = np.loadtxt(f, delimiter=',', dtype=np.float32)
+        images, labels = table[:, :64].reshape(-1, 1, 8, 8) / 8 - 1, table[:, 64]  # 0..16: kept float
+    elif not path.exists():
         _fail(spec, "no such file or folder (use 'digits', a .npz, CIFAR-10 python archive "
               "or folder, or an EDM-style .zip of PNGs)")
-    if name.endswith('.npz'):
-        return _load_npz(path)
-    if name.endswith(('.tar.gz', '.tgz')) or path.is_dir():
-        return _load_cifar10(path)
-    if name.endswith('.zip'):
-        return _load_png_zip(path)
-    _fail(spec, 'unknown data format (expected .npz, .tar.gz, a folder or .zip)')
-
-def load_dataset(spec, resolution=None, classes=None):
-    """A data set by name or path, its first C classes, down-sampled as the study -> (images float32
-    [N, C, H, W] in [-1, 1], labels int64 [N] or None)."""
-    images, labels = _read_pixels(spec)
+    elif path.name.lower().endswith('.npz'):
+        images, labels = _load_npz(path)
+    elif path.name.lower().endswith(('.tar.gz', '.tgz')) or path.is_dir():
+        images, labels = _load_cifar10(path)
+    elif path.name.lower().endswith('.zip'):
+        images, labels = _load_png_zip(path)
+    else:
+        _fail(spec, 'unknown data format (expected .npz, .tar.gz, a folder or .zip)')
+    images = images[:, None] if images.ndim == 3 else images  # [N, H, W]: one channel
+    if images.ndim != 4 or images.shape[0] == 0:
+        _fail(path, f'images must be N x C x H x W or N x H x W x C with N > 0, got shape {images.shape}')
+    if images.shape[3] in (1, 3, 4) and images.shape[1] == images.shape[2] \
+            and not (images.shape[1] in (1, 3, 4) and images.shape[2] == images.shape[3]):
+        images = images.transpose(0, 3, 1, 2)               # NHWC -> NCHW (square images)
+    if images.shape[2] != images.shape[3]:
+        _fail(path, f'images must be square (N x C x H x H or N x H x H x C), got shape {images.shape}')
+    if images.dtype != np.uint8:                            # uint8 is resized as uint8, as the study
+        if not np.issubdtype(images.dtype, np.integer) and not np.issubdtype(images.dtype, np.floating):
+            _fail(path, f'images have unsupported dtype {images.dtype}')
+        images = images.astype(np.float32)
+        if not np.isfinite(images).all():
+            _fail(path, 'images contain NaN or inf')
+        if images.min() < -1 - 1e-6 or images.max() > 1 + 1e-6:
+            _fail(path, f'float images must lie in [-1, 1] (or be uint8 0..255), got range '
+                  f'[{images.min():.3g}, {images.max():.3g}]')
+    if labels is not None:                                  # int64 [N] of whole numbers >= 0
+        labels = labels.argmax(1) if labels.ndim == 2 else labels  # one-hot, as EDM's dataset.json
+        if labels.ndim != 1 or len(labels) != len(images):
+            _fail(path, f'labels must be a vector of {len(images)} entries (one per image), got shape '
+                  f'{labels.shape}')
+        if not np.issubdtype(labels.dtype, np.number) or not np.isfinite(labels).all() \
+                or (labels != np.round(labels)).any() or labels.min() < 0:
+            _fail(path, 'labels must be whole numbers >= 0')
+        labels = torch.from_numpy(labels.astype(np.int64))
     if classes is not None:                                 # classes 0..C-1 [dataset_diversity.py]
         if labels is None or not 1 <= classes <= int(labels.max()) + 1:
             _fail(spec, f'classes={classes}, but the data set has '
                   f'{0 if labels is None else int(labels.max()) + 1} classes')
-        keep = (labels < classes).numpy()
-        images, labels = images[keep], labels[keep]
+        images, labels = images[(labels < classes).numpy()], labels[labels < classes]
     if resolution is not None:
         try:
             images = downsample(images, resolution)
         except ValueError as e:
             _fail(spec, str(e))
-    images = torch.from_numpy(np.ascontiguousarray(images))
-    if images.dtype == torch.uint8:
-        images = images.float() / 127.5 - 1                 # u/127.5 - 1 [training/training_loop.py]
-    return images.contiguous(), labels
-
-def _class_shares(labels, n):
-    """(classes present [C], images taken from each [C]) of the study's first-k rule for size n."""
-    classes = torch.unique(labels)                          # ascending: 0..C-1 for the study's data
-    k = n // len(classes)
-    return classes.tolist(), [k] * (len(classes) - 1) + [n - k * (len(classes) - 1)]
+    images = torch.from_numpy(np.ascontiguousarray(images))  # uint8 -> u/127.5 - 1 [training_loop.py]
+    return (images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images), labels
 
 def balanced_subset(labels, n):
-    """Indices [n] of the study's set of size n (labels [N], or N unlabelled: the first n), class-sorted."""
-    # dataset_size.py, dataset_diversity.py: for each class c = 0..C-1 the first k = n // C images
-    # of c in file order, the last class taking n - k (C - 1); no seed. The sets are nested when
-    # the last class's share does not shrink: always when C divides the smaller.
+    """Indices [n] of the study's set of size n (labels [N], or N unlabelled: one class), class-sorted."""
+    # dataset_size.py, dataset_diversity.py: the first k = n // C images of each class c = 0..C-1
+    # in file order, the last taking n - k (C - 1); no seed. Nested while the last share does not shrink.
     N = labels if isinstance(labels, int) else len(labels)
     if not 1 <= n <= N:
         raise ValueError(f'subset size {n} must lie in 1..{N} (the data set size)')
-    if isinstance(labels, int):
-        return torch.arange(n)
-    picks = []
-    for c, share in zip(*_class_shares(torch.as_tensor(labels), n)):
-        members = torch.nonzero(torch.as_tensor(labels) == c).flatten()  # file order
+    labels = torch.zeros(N, dtype=torch.int64) if isinstance(labels, int) else torch.as_tensor(labels)
+    classes, picks = torch.unique(labels).tolist(), []      # ascending: 0..C-1 for the study's data
+    k = n // len(classes)
+    for c, share in zip(classes, [k] * (len(classes) - 1) + [n - k * (len(classes) - 1)]):
+        members = torch.nonzero(labels == c).flatten()      # file order
         if len(members) < share:
             raise ValueError(f'subset size {n}: class {c} has {len(members)} images, fewer than '
                              f'its share {share} of the first-k rule')
@@ -301,15 +244,13 @@ def max_subset_size(labels):
         return labels
     counts = torch.unique(torch.as_tensor(labels), return_counts=True)[1].tolist()
     C, first = len(counts), min(counts[:-1], default=len(labels))
-    return next((n - 1 for n in range(1, len(labels) + 1)   # the shares of _class_shares
+    return next((n - 1 for n in range(1, len(labels) + 1)   # the shares of balanced_subset
                  if n // C > first or n - (n // C) * (C - 1) > counts[-1]), len(labels))
 
 def held_out(labels, n, count):
-    """Indices of images the training set of size n leaves out: of each class, its last ceil(count/C)
-    in file order (unlabelled: the last count), the same images for every n that leaves them out."""
-    N = labels if isinstance(labels, int) else len(labels)
-    free = torch.ones(N, dtype=torch.bool)
-    free[balanced_subset(labels, n)] = False
+    """Indices of the last ceil(count/C) images of each class (unlabelled: the last count) outside set n."""
+    free = torch.ones(labels if isinstance(labels, int) else len(labels), dtype=torch.bool)
+    free[balanced_subset(labels, n)] = False                # the same images for every n leaving them
     if isinstance(labels, int):
         return torch.nonzero(free).flatten()[-count:]
     classes = torch.unique(torch.as_tensor(labels))
@@ -317,8 +258,7 @@ def held_out(labels, n, count):
     return torch.cat([torch.nonzero(free & (labels == c)).flatten()[-k:] for c in classes])
 
 def assign_labels(labels, mode, n=None):
-    """Class labels of the study's files for a training set in class-sorted order -> (labels int64
-    [n] or None, label_dim = max label + 1, as EDM's dataset reads it; 0 for 'none')."""
+    """Labels of a class-sorted training set -> (int64 [n] or None, label_dim = max label + 1 or 0)."""
     if mode == 'none':
         return None, 0
     if mode == 'true':
@@ -329,10 +269,8 @@ def assign_labels(labels, mode, n=None):
     if mode == 'unique':
         return torch.arange(n), n                           # image i: label i [dataset_unique.py]
     if not re.fullmatch(r'random:[1-9]\d*', str(mode)):
-        raise ValueError(f"unknown label mode {mode!r} (expected none, true, random:C with C >= 1 "
-                         "or unique)")
-    # dataset_random.py: random.seed(1024), then one randint(0, C - 1) per image of the set, in
-    # class-sorted order. A private Random(1024) draws the same sequence, global state untouched.
+        raise ValueError(f"unknown label mode {mode!r} (expected none, true, random:C with C >= 1 or unique)")
+    # dataset_random.py: random.seed(1024), one randint(0, C - 1) per image; a private Random, same draws.
     rng = random.Random(1024)
     out = torch.tensor([rng.randint(0, int(mode[7:]) - 1) for _ in range(n)], dtype=torch.int64)
     return out, int(out.max()) + 1
