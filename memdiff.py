@@ -255,7 +255,7 @@ def held_out(labels, n, count):
         return torch.nonzero(free).flatten()[-count:]
     classes = torch.unique(torch.as_tensor(labels))
     k = math.ceil(count / len(classes))
-    return torch.cat([torch.nonzero(free & (labels == c)).flatten()[-k:] for c in classes])
+    return torch.cat([torch.nonzero(free & (torch.as_tensor(labels) == c)).flatten()[-k:] for c in classes])
 
 def assign_labels(labels, mode, n=None):
     """Labels of a class-sorted training set -> (int64 [n] or None, label_dim = max label + 1 or 0)."""
