@@ -303,8 +303,7 @@ class Resample(nn.Module):
         super().__init__()
         f = torch.as_tensor(taps, dtype=torch.float32)
         self.register_buffer('f', f.outer(f) / f.sum().square(), persistent=False)  # sums to 1
-        self.mode = mode
-        self.pad = (len(taps) - 1) // 2 if pad is None else pad
+        self.mode, self.pad = mode, (len(taps) - 1) // 2 if pad is None else pad
         self.box = tuple(taps) == (1, 1) and self.pad == 0
 
     def forward(self, x):
@@ -709,8 +708,7 @@ class GaussianDenoiser:
     def __call__(self, x, sigma, class_labels=None):
         B = x.shape[0]
         xf = x.reshape(B, -1).double()                      # [B, d]
-        var = torch.as_tensor(sigma, dtype=torch.float64, device=xf.device).reshape(-1, 1) ** 2
-        var = var.expand(B, 1)
+        var = (torch.as_tensor(sigma, dtype=torch.float64, device=xf.device).reshape(-1, 1) ** 2).expand(B, 1)
         c = _class_index(class_labels, self.labels, B)
         c = torch.full((B,), -1, device=xf.device) if c is None else c
         out = torch.empty_like(xf)
@@ -792,8 +790,7 @@ def wilson_interval(k, n, z=1.96):
 # Adam (or SGD), a linear learning-rate ramp-up, an EMA of the weights, snapshots of the EMA network.
 # Durations are in epochs (passes over |D|: they scale with |D| as in the study) or in optimizer
 # steps. Under torchrun the ranks split the global batch and DDP averages their gradients.
-# The EMA modes assume the study's 50,000 images, batch 512 and 500k-image half-life after ramp-up.
-REF_IMAGES, REF_BATCH, REF_HALFLIFE = 50_000, 512, 500_000
+REF_IMAGES, REF_BATCH, REF_HALFLIFE = 50_000, 512, 500_000  # the study's |D|, batch, EMA half-life
 
 @dataclass
 class TrainConfig:
@@ -1179,8 +1176,7 @@ def summarize(points, threshold=0.9):
     return dict(emm=n0, crossing=n0 + (r0 - threshold) / (r0 - r1) * (n1 - n0))
 
 def tau_mem(snapshots, threshold=0.9):
-    """Onset of memorization [7] (~ |D|: a budget below it measures the budget, not the model) of
-    snapshots [{step, ratio}] -> (tau, [step_below, step_above])."""
+    """Onset of memorization [7] (~ |D|) of snapshots [{step, ratio}] -> (tau, [step_below, step_above])."""
     pts = sorted((s['step'], s['ratio']) for s in snapshots)
     k = next((k for k, (_, ratio) in enumerate(pts) if ratio >= threshold), None)
     if k is None:                                           # never reaches the threshold
@@ -1366,8 +1362,7 @@ def _precond_from_edm(data, path):
     unet = _unet_from_state(config, _edm_names(_record_tensors(model)), edm=True)
     return Precond(unet, kind, **{k: kw[k] for k in names if k in kw})
 
-_PRECOND_SETTINGS = ('kind', 'sigma_data', 'beta_d', 'beta_min', 'M', 'epsilon_t', 'sigma_min',
-                     'sigma_max')
+_PRECOND_SETTINGS = ('kind', 'sigma_data', 'beta_d', 'beta_min', 'M', 'epsilon_t', 'sigma_min', 'sigma_max')
 
 def save_network(precond, path):
     """Write a Precond(UNet) to path as a memdiff network file (settings and tensors, no code)."""
@@ -1388,8 +1383,7 @@ def _read_network(path):
 
 def load_network(path):
     """The study's network-snapshot-*.pkl (its 'ema') or a save_network file -> Precond(UNet), eval."""
-    # No code from the file runs; every failure becomes one ValueError starting with the path.
-    path = Path(path)
+    path = Path(path)                                   # every failure: one ValueError naming it
     if not path.is_file():
         _fail(path, 'no such file')
     try:
