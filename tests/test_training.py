@@ -295,6 +295,16 @@ def test_train_yields_ema_at_every_snapshot_step():
     assert [s for s, _ in snaps] == TINY_TRAIN.snapshot_steps(len(y))
 
 
+def test_train_reports_progress_after_every_step_up_to_the_total():
+    """progress('train', step, total) follows every optimizer step: step = 1..total, total fixed."""
+    seen = []
+    for _ in memdiff.train(tiny_network(), tiny_images(), cfg=TINY_TRAIN,
+                           progress=lambda *event: seen.append(event)):
+        pass
+    total = TINY_TRAIN.total_steps(8)
+    assert seen == [('train', step, total) for step in range(1, total + 1)]
+
+
 def test_train_same_seed_gives_identical_ema():
     """Two runs from the same initial network and seed end with bit-identical EMA weights."""
     y, net = tiny_images(), tiny_network()
