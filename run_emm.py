@@ -342,7 +342,7 @@ def main(ctx, **opts):
             return score_snapshots(opts, device, log)
         factor = opts['sweep'] and opts['sweep'].split('=')[0].strip()
         configs = [(value, make_config(o, given | {factor.replace('-', '_')} if factor else given))
-                   for value, o in (sweep_values(ctx, opts) if factor else [(None, opts)])]
+                   for value, o in (sweep_values(ctx, opts) if opts['sweep'] is not None else [(None, opts)])]
         records = []
         for value, cfg in configs:
             if opts['dry_run']:

@@ -1131,6 +1131,8 @@ BAD_INPUTS = [
     pytest.param(lambda t: opt('--sweep', 'sizes=16,24'), ['sizes'], id='sweep-of-sizes'),
     pytest.param(lambda t: opt('--sweep', 'labels='), ['--sweep', 'labels='],
                  id='sweep-without-values'),
+    pytest.param(lambda t: opt('--sweep', '=none,true'), ['--sweep', '=none,true'],
+                 id='sweep-without-option'),
     pytest.param(lambda t: opt('--device', 'bogus'), ['device'], id='device-unknown'),
     pytest.param(lambda t: opt('--device', 'cuda'), ['cuda'], id='device-cuda-missing',
                  marks=NO_CUDA),
